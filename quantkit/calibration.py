@@ -1,0 +1,272 @@
+"""Calibration and evaluation text: load a German QA dataset, format it, cut token windows.
+
+Sources: a Hub dataset id (GermanQuAD's raw files or its parquet conversion), or a local
+SQuAD-style JSON, JSONL, parquet or plain-text file, or a folder of those. Contexts are
+deduplicated (GermanQuAD repeats one for each of its questions), and the evaluation text
+never shares a context with the calibration text.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import CalibrationError
+from .recipe import CalibrationSpec, Recipe
+
+SHIPPED_DIR = Path(__file__).resolve().parent.parent / "calibration"
+SHIPPED_NAME = "quantkit German QA sample (calibration/, GermanQuAD schema)"
+DATA_SUFFIXES = (".json", ".jsonl", ".parquet", ".txt")
+HELD_OUT_EVERY = 5  # without [evaluation] dataset: every 5th context (by hash) is held out
+
+
+@dataclass(frozen=True)
+class QAItem:
+    context: str
+    question: str = ""
+    answer: str = ""
+
+
+@dataclass(frozen=True, eq=False)
+class CalibrationSet:
+    windows: np.ndarray  # [samples, seq_len] int32 token ids, BOS first
+    texts: tuple[str, ...]  # the formatted items the windows were cut from, in order
+    eval_texts: tuple[str, ...]  # held-out plain contexts
+    sha256: str  # of the windows: the cache key for everything built from them
+    source: str  # where the text came from, for cards and messages
+    n_items: int  # formatted items used
+    n_contexts: int  # distinct contexts available for calibration
+    tokens_available: int  # tokens in all formatted items (before cutting windows)
+
+    def examples(self) -> list[dict[str, list[int]]]:
+        """Windows as GPTQModel's calibration examples."""
+        return [{"input_ids": w.tolist(), "attention_mask": [1] * len(w)} for w in self.windows]
+
+    def write_text(self, path: Path) -> Path:
+        """Plain text for llama-imatrix: the formatted items, blank line between."""
+        path.write_text("\n\n".join(self.texts) + "\n", encoding="utf-8")
+        return path
+
+    def write_parquet(self, path: Path) -> Path:
+        """A `text` column per item, the form exllamav2's converter reads with -c."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.table({"text": list(self.texts)}), path)
+        return path
+
+
+# ---------------------------------------------------------------- loading
+
+
+def load_items(dataset: str | None, split: str, *, revision: str | None = None) -> tuple[list[QAItem], str]:
+    """Items from the shipped sample, a local path, or a Hub dataset; and a source label."""
+    if dataset is None:
+        return _load_path(SHIPPED_DIR, split=None), SHIPPED_NAME
+    path = Path(dataset).expanduser()
+    if path.exists():
+        return _load_path(path, split=None), str(path)
+    return _load_hub(dataset, split, revision), f"{dataset} ({split})"
+
+
+def _load_path(path: Path, split: str | None) -> list[QAItem]:
+    files = [path] if path.is_file() else sorted(
+        p for p in path.rglob("*") if p.suffix in DATA_SUFFIXES and (split is None or split in p.name))
+    if not files:
+        raise CalibrationError(str(path), f"no {', '.join(DATA_SUFFIXES)} files found")
+    items: list[QAItem] = []
+    for f in files:
+        items += _load_file(f)
+    if not items:
+        raise CalibrationError(str(path), "no text found")
+    return items
+
+
+def _load_file(f: Path) -> list[QAItem]:
+    try:
+        if f.suffix == ".json":
+            return _from_json(json.loads(f.read_text(encoding="utf-8")), f)
+        if f.suffix == ".jsonl":
+            lines = f.read_text(encoding="utf-8").splitlines()
+            return [_from_record(json.loads(s), f) for s in lines if s.strip()]
+        if f.suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            return [_from_record(r, f) for r in pq.read_table(f).to_pylist()]
+        paras = f.read_text(encoding="utf-8").split("\n\n")
+        return [QAItem(p.strip()) for p in paras if p.strip()]
+    except (ValueError, OSError) as e:
+        raise CalibrationError(str(f), f"cannot read: {e}") from None
+
+
+def _from_json(doc: Any, f: Path) -> list[QAItem]:
+    """SQuAD/GermanQuAD: data[].paragraphs[].{context, qas[].{question, answers[].text}}."""
+    if isinstance(doc, list):
+        return [_from_record(r, f) for r in doc]
+    if not isinstance(doc, dict) or "data" not in doc:
+        raise CalibrationError(str(f), "JSON is neither SQuAD-style ({'data': [...]}) nor a list of records")
+    items = []
+    for article in doc["data"]:
+        for para in article.get("paragraphs", []):
+            qas = para.get("qas") or [{}]
+            for qa in qas:
+                answers = qa.get("answers") or [{}]
+                items.append(QAItem(para["context"], qa.get("question", ""), answers[0].get("text", "")))
+    return items
+
+
+def _from_record(r: dict[str, Any], f: Path) -> QAItem:
+    """JSONL/parquet rows: context/question/answers (HF squad layout) or a plain `text`."""
+    if "context" in r:
+        ans = r.get("answers") or {}
+        text = ans.get("text") if isinstance(ans, dict) else [a.get("text", "") for a in ans]
+        if isinstance(text, str):
+            text = [text]
+        return QAItem(r["context"], r.get("question") or "", (list(text) or [""])[0] or "")
+    if "text" in r:
+        return QAItem(r["text"])
+    raise CalibrationError(str(f), f"a record has neither 'context' nor 'text' (keys: {sorted(r)})")
+
+
+def _load_hub(repo: str, split: str, revision: str | None) -> list[QAItem]:
+    """GermanQuAD's loading script cannot run in modern `datasets`: read its files directly."""
+    from huggingface_hub import HfApi, hf_hub_download
+
+    api = HfApi()
+    for rev in (revision, "refs/convert/parquet"):
+        try:
+            files = api.list_repo_files(repo, repo_type="dataset", revision=rev)
+        except Exception as e:  # noqa: BLE001 - any Hub failure becomes one message
+            last = e
+            continue
+        wanted = [f for f in files if f.endswith(DATA_SUFFIXES) and split in Path(f).as_posix()]
+        if wanted:
+            local = [Path(hf_hub_download(repo, f, repo_type="dataset", revision=rev)) for f in wanted]
+            return [it for p in local for it in _load_file(p)]
+        last = CalibrationError(repo, f"no {split!r} files at revision {rev}")
+    raise CalibrationError(repo, f"cannot load split {split!r} from the Hub: {last}")
+
+
+# ---------------------------------------------------------------- formatting and windows
+
+
+def dedup_contexts(items: Iterable[QAItem]) -> dict[str, list[QAItem]]:
+    """Context -> its items, in first-seen order."""
+    out: dict[str, list[QAItem]] = {}
+    for it in items:
+        out.setdefault(it.context.strip(), []).append(it)
+    return out
+
+
+def _held_out(context: str) -> bool:
+    return int(hashlib.sha256(context.encode()).hexdigest(), 16) % HELD_OUT_EVERY == 0
+
+
+def split_contexts(calib: dict[str, list[QAItem]], evald: dict[str, list[QAItem]] | None
+                   ) -> tuple[dict[str, list[QAItem]], list[str]]:
+    """Calibration contexts and evaluation texts, never sharing a context."""
+    if evald is None:
+        eval_texts = [c for c in calib if _held_out(c)]
+    else:
+        eval_texts = list(evald)
+    held = set(eval_texts)
+    return {c: v for c, v in calib.items() if c not in held}, eval_texts
+
+
+def template_for(recipe: Recipe, tokenizer: Any = None) -> str:
+    """The recipe's calibration template, else its prompt template, else the chat template."""
+    if recipe.calibration.template:
+        return recipe.calibration.template
+    pt = recipe.model.prompt_template
+    if pt and "{prompt}" in pt:
+        return pt.replace("{prompt}", "{context}\n\n{question}") + " {answer}"
+    if tokenizer is not None and getattr(tokenizer, "chat_template", None):
+        msgs = [{"role": "user", "content": "\x00C\n\n\x00Q"}, {"role": "assistant", "content": "\x00A"}]
+        try:
+            rendered = tokenizer.apply_chat_template(msgs, tokenize=False)
+            return rendered.replace("{", "{{").replace("}", "}}").replace(
+                "\x00C", "{context}").replace("\x00Q", "{question}").replace("\x00A", "{answer}")
+        except Exception:  # noqa: BLE001 - a broken chat template falls back to plain text
+            pass
+    return "{context}\n\n{question}\n{answer}"
+
+
+def format_item(template: str, item: QAItem) -> str:
+    return template.format(context=item.context, question=item.question, answer=item.answer).strip()
+
+
+def build_calibration(recipe: Recipe, tokenizer: Any) -> CalibrationSet:
+    spec, espec = recipe.calibration, recipe.evaluation
+    items, label = load_items(_resolve(recipe, spec.dataset), spec.split)
+    evald = None
+    if espec.dataset is not None:
+        eitems, _ = load_items(_resolve(recipe, espec.dataset), espec.split)
+        evald = dedup_contexts(eitems)
+    contexts, eval_texts = split_contexts(dedup_contexts(items), evald)
+    if not contexts:
+        raise CalibrationError(label, "no calibration context left after holding out evaluation text")
+    rng = random.Random(spec.seed)
+    # One question per context, chosen by seed; contexts shuffled so windows mix topics.
+    chosen = [rng.choice(v) for v in contexts.values()]
+    rng.shuffle(chosen)
+    texts = [format_item(template_for(recipe, tokenizer), it) for it in chosen]
+    windows, used, available = _windows(texts, tokenizer, spec)
+    return CalibrationSet(windows=windows, texts=tuple(texts[:used]), eval_texts=tuple(eval_texts),
+                          sha256=_sha(windows), source=label, n_items=used,
+                          n_contexts=len(contexts), tokens_available=available)
+
+
+def _resolve(recipe: Recipe, dataset: str | None) -> str | None:
+    """Relative local paths resolve against the recipe's folder, then the cwd."""
+    if dataset is None:
+        return None
+    p = Path(dataset).expanduser()
+    if not p.is_absolute() and (Path(recipe.base_dir) / p).exists():
+        return str(Path(recipe.base_dir) / p)
+    return dataset
+
+
+def _windows(texts: list[str], tokenizer: Any, spec: CalibrationSpec) -> tuple[np.ndarray, int, int]:
+    """Concatenate items (EOS between) and cut `samples` windows of `seq_len`, BOS first.
+
+    Tokenizes in batches and stops once enough tokens are there, so a 14k-item file
+    costs only what the windows need.
+    """
+    bos = tokenizer.bos_token_id
+    eos = tokenizer.eos_token_id
+    body = spec.seq_len - (1 if bos is not None else 0)
+    need = spec.samples * body
+    stream: list[int] = []
+    used = 0
+    for start in range(0, len(texts), 256):
+        batch = texts[start:start + 256]
+        for ids in tokenizer(batch, add_special_tokens=False)["input_ids"]:
+            stream += ids + ([eos] if eos is not None else [])
+            used += 1
+            if len(stream) >= need:
+                break
+        if len(stream) >= need:
+            break
+    n = len(stream) // body
+    if n == 0:
+        raise CalibrationError("calibration", f"{len(stream)} tokens of text, fewer than one window "
+                               f"of {spec.seq_len}: lower [calibration] seq_len or add text")
+    n = min(n, spec.samples)
+    rows = np.asarray(stream[:n * body], dtype=np.int32).reshape(n, body)
+    if bos is not None:
+        rows = np.concatenate([np.full((n, 1), bos, dtype=np.int32), rows], axis=1)
+    return rows, used, len(stream)
+
+
+def _sha(windows: np.ndarray) -> str:
+    h = hashlib.sha256(str(windows.shape).encode())
+    h.update(np.ascontiguousarray(windows, dtype=np.int32).tobytes())
+    return h.hexdigest()
+

@@ -1,0 +1,370 @@
+"""The `quantkit` command. The only module that prints, draws progress or exits.
+
+Every command turns library errors into one line per problem and an exit code from
+EXIT_CODES; no traceback reaches the user for input mistakes.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from . import __version__
+from .errors import (BuildFailed, CalibrationError, EngineError, EngineUnavailable, EvalError, ManifestError,
+                     PublishError, QuantkitError, RecipeError, SourceError)
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Quantize and convert LLMs from one recipe: GPTQ, AWQ, GGUF, EXL2.")
+out = Console()
+err = Console(stderr=True)
+
+# Error type -> exit code; the first matching row wins, so subclasses come first.
+EXIT_CODES: list[tuple[type[QuantkitError], int]] = [
+    (RecipeError, 2),  # bad recipe: fix the file
+    (CalibrationError, 2),  # bad or missing calibration data
+    (SourceError, 2),  # source model missing or unreadable
+    (EngineUnavailable, 3),  # engine or toolchain not installed here
+    (PublishError, 4),  # the Hub refused or could not be reached
+    (BuildFailed, 1),  # some variants failed; the others are kept
+    (EngineError, 1),
+    (EvalError, 1),
+    (ManifestError, 1),
+    (QuantkitError, 1),
+]
+
+RecipeArg = Annotated[Path, typer.Argument(help="Recipe TOML file.", show_default=False)]
+OutOpt = Annotated[Path | None, typer.Option("--out", help="Build folder (default: build/<model name>/).")]
+OnlyOpt = Annotated[list[str] | None, typer.Option("--only", help="Only this variant (repeatable).")]
+
+T = TypeVar("T")
+
+
+def _fail(e: QuantkitError) -> typer.Exit:
+    code = next(c for t, c in EXIT_CODES if isinstance(e, t))
+    lines = [f"{e.file}: {p}" for p in e.problems] if isinstance(e, RecipeError) else [str(e)]
+    if isinstance(e, BuildFailed):
+        lines = [f"{name} failed: {why}" for name, why in e.failures.items()]
+    for line in lines:
+        err.print(f"[red]error:[/red] {line}", markup=True, highlight=False, soft_wrap=True)
+    return typer.Exit(code)
+
+
+def _run(fn: Callable[[], T]) -> T:
+    try:
+        return fn()
+    except QuantkitError as e:
+        raise _fail(e) from None
+
+
+def _plan(recipe: Path, out_dir: Path | None = None):
+    from .plan import make_plan
+    from .recipe import load_recipe
+
+    return make_plan(load_recipe(recipe), out_dir)
+
+
+# ---------------------------------------------------------------- plan
+
+
+@app.command()
+def plan(recipe: RecipeArg,
+         as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False) -> None:
+    """Show the variants a recipe expands to, without doing any work."""
+    p = _run(lambda: _plan(recipe))
+    if as_json:
+        rows = [{"name": v.name, "format": v.format, "repo": v.repo, "branch": v.branch,
+                 "params": v.params_dict()} for v in p.variants]
+        print(json.dumps({"variants": rows}, indent=2))
+        return
+    out.print(f"{p.recipe.model.model_name}: {len(p.variants)} variants → {p.out_dir}")
+    for repo in dict.fromkeys(v.repo for v in p.variants):
+        t = Table(title=repo)
+        t.add_column("variant", no_wrap=True)
+        t.add_column("branch", no_wrap=True)
+        t.add_column("other settings", overflow="fold")
+        for v in (v for v in p.variants if v.repo == repo):
+            t.add_row(v.name, v.branch, _other_settings(v))
+        out.print(t)
+
+
+# Settings the variant name already shows, per format.
+_IN_NAME = {"gptq": {"bits", "group_size", "act_order"}, "awq": {"bits", "group_size"},
+            "gguf": {"quant"}, "exl2": {"bpw"}}
+
+
+def _other_settings(v: Any) -> str:
+    items = v.params_dict().items()
+    return " ".join(f"{k}={val}" for k, val in items if k not in _IN_NAME[v.format] and val is not None)
+
+
+# ---------------------------------------------------------------- build
+
+
+class _Progress:
+    """Draws pipeline events: one bar per running task, a line per finished variant."""
+
+    def __init__(self, progress: Progress):
+        self.p = progress
+        self.tasks: dict[tuple[str, str], Any] = {}
+
+    def __call__(self, ev) -> None:
+        if ev.kind == "stage":
+            self.p.console.print(f"[bold]•[/bold] {ev.task}")
+        elif ev.kind == "start":
+            self.p.console.print(f"[bold cyan]▶ {ev.variant}[/bold cyan] {ev.message}")
+        elif ev.kind == "task":
+            self._task(ev)
+        elif ev.kind in ("done", "skip"):
+            self._close(ev.variant)
+            mark = "✓" if ev.kind == "done" else "="
+            self.p.console.print(f"[green]{mark} {ev.variant}[/green] {ev.message}")
+        elif ev.kind == "fail":
+            self._close(ev.variant)
+            self.p.console.print(f"[red]✗ {ev.variant}[/red] {ev.message}", highlight=False)
+
+    def _task(self, ev) -> None:
+        key = (ev.variant, ev.task)
+        if key not in self.tasks:
+            self.tasks[key] = self.p.add_task(f"{ev.variant} {ev.task}", total=ev.total)
+        self.p.update(self.tasks[key], completed=ev.done, total=ev.total)
+
+    def _close(self, variant: str) -> None:
+        for key in [k for k in self.tasks if k[0] in (variant, "reference")]:
+            self.p.remove_task(self.tasks.pop(key))
+
+
+@contextmanager
+def _progress() -> Iterator[_Progress]:
+    cols = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TimeElapsedColumn())
+    with Progress(*cols, console=err, transient=True) as p:
+        yield _Progress(p)
+
+
+def _summary(manifest, names: list[str] | None = None) -> Table:
+    t = Table(title="variants")
+    for col in ("variant", "branch", "state", "size", "bpw", "ΔPPL %", "KLD", "top-1", "seconds"):
+        t.add_column(col, justify="right" if col not in ("variant", "branch", "state") else "left")
+    for name, r in manifest.variants.items():
+        if names is not None and name not in names:
+            continue
+        q = r.quality or {}
+        t.add_row(name, r.branch, r.state if r.state != "failed" else "[red]failed[/red]",
+                  _size(r.size_bytes), f"{r.bits_per_weight:.2f}",
+                  f"{q['delta_ppl_pct']:+.2f}" if q else "-", f"{q['kld']:.4f}" if q else "-",
+                  f"{q['top1']:.3f}" if q else "-", f"{r.seconds:.0f}")
+    return t
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return str(n)
+
+
+def _build_one(recipe: Path, out_dir: Path | None, only: list[str] | None):
+    from . import pipeline
+
+    p = _plan(recipe, out_dir)
+    if p.recipe.calibration.dataset is None:
+        err.print("• calibration: the German sample shipped in calibration/ (no [calibration] dataset set)")
+    with _progress() as rep:
+        res = pipeline.build(p, only=only, report=rep)
+    return p, res
+
+
+@app.command()
+def build(recipe: RecipeArg, out_dir: OutOpt = None, only: OnlyOpt = None) -> None:
+    """Calibrate, quantize, evaluate, size and write cards for every variant."""
+    p, res = _run(lambda: _build_one(recipe, out_dir, only))
+    out.print(_summary(res.manifest, [v.name for v in p.select(only)]))
+    out.print(f"manifest: {p.out_dir / 'manifest.json'}")
+    if res.failed:
+        raise _fail(BuildFailed(res.failed))
+
+
+# ---------------------------------------------------------------- publish and batch
+
+
+@app.command()
+def publish(recipe: RecipeArg, out_dir: OutOpt = None, only: OnlyOpt = None,
+            dry_run: Annotated[bool, typer.Option("--dry-run", help="Show what would be uploaded.")] = False) -> None:
+    """Push built variants to the Hub, one branch each; uploads only what changed."""
+    report = _run(lambda: _publish_one(recipe, out_dir, only, dry_run))
+    _print_publish(report, dry_run)
+
+
+def _publish_one(recipe: Path, out_dir: Path | None, only: list[str] | None, dry_run: bool):
+    from . import publish as pub
+    from .errors import ManifestError
+    from .manifest import load_manifest, save_manifest
+
+    p = _plan(recipe, out_dir)
+    m = load_manifest(p.out_dir)
+    if m is None:
+        raise ManifestError(str(p.out_dir / "manifest.json"), "not built yet: run `quantkit build` first")
+    report = pub.publish(p, m, p.out_dir, dry_run=dry_run, only=only)
+    if not dry_run:
+        save_manifest(p.out_dir, report.manifest)
+    return report
+
+
+def _print_publish(report: Any, dry_run: bool) -> None:
+    t = Table(title="publish (dry run)" if dry_run else "publish")
+    for col in ("repo", "branch", "added", "removed", "skipped", "bytes", "commit"):
+        t.add_column(col)
+    for b in report.branches:
+        t.add_row(b.repo, b.branch, str(len(b.added)), str(len(b.removed)), str(len(b.skipped)),
+                  _size(b.bytes), (b.commit or "-")[:12])
+    out.print(t)
+
+
+@app.command()
+def batch(recipes: Annotated[list[Path], typer.Argument(help="Recipe files.")],
+          out_dir: Annotated[Path, typer.Option("--out", help="Each recipe builds into OUT/<model name>/.")] = Path("build"),
+          do_publish: Annotated[bool, typer.Option("--publish", help="Publish each after building.")] = False) -> None:
+    """Build (and publish) many recipes, going on past a failed one."""
+    results: list[tuple[str, str]] = []
+    for r in recipes:
+        results.append((str(r), _batch_one(r, out_dir, do_publish)))
+    t = Table(title="batch")
+    t.add_column("recipe")
+    t.add_column("result")
+    for name, res in results:
+        t.add_row(name, res)
+    out.print(t)
+    if any(res != "ok" for _, res in results):
+        raise typer.Exit(1)
+
+
+def _batch_one(recipe: Path, out_dir: Path, do_publish: bool) -> str:
+    try:
+        from .recipe import load_recipe
+
+        name = load_recipe(recipe).model.model_name
+        p, res = _build_one(recipe, out_dir / name, None)
+        if res.failed:
+            return "failed: " + "; ".join(f"{k}: {v}" for k, v in res.failed.items())
+        if do_publish:
+            _print_publish(_publish_one(recipe, out_dir / name, None, False), False)
+        return "ok"
+    except QuantkitError as e:
+        err.print(f"[red]error:[/red] {recipe}: {e}", highlight=False)
+        return f"failed: {e}"
+
+
+# ---------------------------------------------------------------- calib, init, doctor
+
+
+@app.command()
+def calib(recipe: RecipeArg) -> None:
+    """Build the calibration set and show what it holds."""
+    t0 = time.perf_counter()
+    c, label = _run(lambda: _calib(recipe))
+    secs = time.perf_counter() - t0
+    t = Table(title=f"calibration set: {label}")
+    t.add_column("")
+    t.add_column("value", justify="right")
+    rows = [("contexts available", c.n_contexts), ("items used", c.n_items),
+            ("tokens in items used", c.tokens_available),
+            ("mean tokens per item", f"{c.tokens_available / max(c.n_items, 1):.1f}"),
+            ("windows x seq_len", f"{c.windows.shape[0]} x {c.windows.shape[1]}"),
+            ("held-out evaluation texts", len(c.eval_texts)), ("sha256", c.sha256),
+            ("seconds", f"{secs:.2f}")]
+    for k, v in rows:
+        t.add_row(k, str(v))
+    out.print(t)
+
+
+def _calib(recipe: Path):
+    from transformers import AutoTokenizer
+
+    from .calibration import build_calibration
+    from .recipe import load_recipe, resolve_local_source
+
+    r = load_recipe(recipe)
+    local = resolve_local_source(r)
+    tok = AutoTokenizer.from_pretrained(str(local) if local else r.model.source,
+                                        revision=None if local else r.model.revision)
+    c = build_calibration(r, tok)
+    if c.windows.shape[0] < r.calibration.samples:
+        err.print(f"[yellow]warning:[/yellow] only {c.windows.shape[0]} of {r.calibration.samples} "
+                  f"windows of {r.calibration.seq_len} tokens: the data is too short")
+    return c, c.source
+
+
+@app.command()
+def init(model: Annotated[str, typer.Argument(help="Hub id or local folder of the source model.")],
+         output: Annotated[Path | None, typer.Option("--output", "-o", help="Recipe file to write.")] = None,
+         force: Annotated[bool, typer.Option("--force", help="Overwrite an existing file.")] = False) -> None:
+    """Write a starter recipe with TheBloke's GPTQ/AWQ/GGUF ladder for MODEL."""
+    from .starter import starter_recipe
+
+    name = model.rstrip("/").split("/")[-1]
+    path = output or Path("recipes") / f"{name}.toml"
+    if path.exists() and not force:
+        raise _fail(QuantkitError(f"{path} exists; use --force to overwrite it"))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(starter_recipe(model), encoding="utf-8")
+    out.print(f"wrote {path}")
+
+
+@app.command()
+def doctor() -> None:
+    """Python, torch, GPU, engines and toolchains found here, with versions."""
+    from .engines import ENGINES
+
+    t = Table(title="quantkit doctor")
+    t.add_column("component")
+    t.add_column("status")
+    t.add_row("quantkit", __version__)
+    t.add_row("python", f"{platform.python_version()} ({sys.executable})")
+    t.add_row("torch / GPU", _torch_status())
+    for fmt, engine in ENGINES.items():
+        try:
+            t.add_row(f"engine {fmt}", f"[green]{engine.version()}[/green]")
+        except QuantkitError as e:
+            t.add_row(f"engine {fmt}", f"[yellow]unavailable[/yellow]: {e}")
+    for k, v in _toolchain_rows():
+        t.add_row(k, v)
+    out.print(t)
+
+
+def _torch_status() -> str:
+    try:
+        import torch
+    except ImportError:
+        return "torch not installed"
+    if torch.cuda.is_available():
+        return f"torch {torch.__version__}, CUDA {torch.version.cuda}: {torch.cuda.get_device_name(0)}"
+    return f"torch {torch.__version__}, no CUDA GPU (CPU only)"
+
+
+def _toolchain_rows() -> list[tuple[str, str]]:
+    try:
+        from .engines import llamacpp
+
+        return llamacpp.doctor_rows()
+    except QuantkitError as e:
+        return [("llama.cpp", str(e))]
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

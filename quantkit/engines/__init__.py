@@ -1,0 +1,17 @@
+"""The engines, one module per format, in one explicit table."""
+
+from __future__ import annotations
+
+from .awq import AWQEngine
+from .base import Engine
+from .exl2 import EXL2Engine
+from .gguf import GGUFEngine
+from .gptq import GPTQEngine
+
+# Format -> engine. Modules import their heavy libraries lazily, inside methods.
+ENGINES: dict[str, Engine] = {
+    "gptq": GPTQEngine(),  # GPTQModel (AutoGPTQ's successor); auto-gptq optional
+    "awq": AWQEngine(),  # GPTQModel's AWQ (GEMM); autoawq optional
+    "gguf": GGUFEngine(),  # llama.cpp converter + llama-quantize / llama-imatrix
+    "exl2": EXL2Engine(),  # exllamav2, CUDA only
+}

@@ -1,0 +1,170 @@
+"""One evaluation protocol for every format: perplexity, KL divergence and top-1
+agreement against the unquantized model, on the same held-out German token chunks.
+
+Chunks follow llama-perplexity: `ctx` tokens with BOS first, only the second half
+scored, so every scored token has at least ctx/2 tokens of context.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .engines.base import LogitsFn
+from .errors import EvalError
+
+ChunkProgress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True, eq=False)
+class EvalSet:
+    chunks: np.ndarray  # [n, ctx] int64 token ids, BOS first when the tokenizer has one
+    sha256: str
+
+    @property
+    def ctx(self) -> int:
+        return int(self.chunks.shape[1])
+
+    @property
+    def first_scored(self) -> int:
+        return self.ctx // 2
+
+    @property
+    def n_scored(self) -> int:
+        return len(self.chunks) * (self.ctx - 1 - self.first_scored)
+
+
+@dataclass(frozen=True)
+class Quality:
+    ppl: float
+    ref_ppl: float
+    delta_ppl_pct: float
+    kld: float
+    top1: float  # share of scored tokens whose argmax equals the reference's
+    tokens: int
+
+    def as_dict(self) -> dict[str, float]:
+        return {"ppl": self.ppl, "ref_ppl": self.ref_ppl, "delta_ppl_pct": self.delta_ppl_pct,
+                "kld": self.kld, "top1": self.top1}
+
+
+def make_eval_set(tokenizer: Any, texts: list[str] | tuple[str, ...], tokens: int, ctx: int) -> EvalSet:
+    """Tokenize the held-out text once and cut it into BOS-led chunks of ctx tokens."""
+    ids = tokenizer("\n\n".join(texts), add_special_tokens=False)["input_ids"]
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    body = ctx - 1 if bos is not None else ctx
+    n = min(tokens, len(ids)) // body
+    if n < 1:
+        raise EvalError("reference", f"evaluation text has {len(ids)} tokens, fewer than one "
+                        f"chunk of {ctx}; lower [evaluation] ctx or add text")
+    rows = [([bos] if bos is not None else []) + ids[i * body:(i + 1) * body] for i in range(n)]
+    chunks = np.asarray(rows, dtype=np.int64)
+    return EvalSet(chunks, hashlib.sha256(chunks.tobytes()).hexdigest())
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    x = logits.astype(np.float32, copy=False)
+    x = x - x.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+
+def _scored_logprobs(es: EvalSet, fn: LogitsFn, i: int) -> np.ndarray:
+    logits = np.asarray(fn(es.chunks[i]))
+    if logits.shape[0] != es.ctx:
+        raise EvalError("model", f"logits for {logits.shape[0]} positions, expected {es.ctx}")
+    return _log_softmax(logits[es.first_scored:es.ctx - 1])
+
+
+@dataclass(frozen=True, eq=False)
+class Reference:
+    """Log-probabilities of the unquantized model at every scored position (fp16 on disk)."""
+
+    logprobs: np.ndarray  # memmap [n_chunks, scored, vocab] float16
+    ppl: float
+
+
+def compute_reference(es: EvalSet, fn: LogitsFn, cache: Path,
+                      progress: ChunkProgress | None = None) -> Reference:
+    """Run the reference once per eval set; the cache file is keyed by the caller."""
+    if cache.is_file():
+        lp = np.load(cache, mmap_mode="r")
+        return Reference(lp, _ppl(es, lp))
+    tmp = cache.with_suffix(".partial.npy")
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    out = None
+    for i in range(len(es.chunks)):
+        lp = _scored_logprobs(es, fn, i)
+        if out is None:
+            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16,
+                                            shape=(len(es.chunks), *lp.shape))
+        out[i] = lp
+        if progress:
+            progress(i + 1, len(es.chunks))
+    assert out is not None
+    out.flush()
+    del out
+    tmp.replace(cache)
+    lp = np.load(cache, mmap_mode="r")
+    return Reference(lp, _ppl(es, lp))
+
+
+def _targets(es: EvalSet, i: int) -> np.ndarray:
+    return es.chunks[i, es.first_scored + 1:es.ctx]
+
+
+def _ppl(es: EvalSet, lp: np.ndarray) -> float:
+    nll = 0.0
+    for i in range(len(es.chunks)):
+        t = _targets(es, i)
+        nll -= float(lp[i][np.arange(len(t)), t].astype(np.float64).sum())
+    return math.exp(nll / es.n_scored)
+
+
+def score(es: EvalSet, ref: Reference, fn: LogitsFn, progress: ChunkProgress | None = None) -> Quality:
+    """Perplexity, mean KL(reference || variant) and top-1 agreement over the scored tokens."""
+    nll = kld = agree = 0.0
+    for i in range(len(es.chunks)):
+        q = _scored_logprobs(es, fn, i)
+        p = np.asarray(ref.logprobs[i], dtype=np.float32)
+        vocab = min(p.shape[-1], q.shape[-1])  # GGUF vocabularies may be padded
+        p, q = p[:, :vocab], q[:, :vocab]
+        t = _targets(es, i)
+        nll -= float(q[np.arange(len(t)), t].astype(np.float64).sum())
+        kld += float((np.exp(p) * (p - q)).sum(dtype=np.float64))
+        agree += float((p.argmax(-1) == q.argmax(-1)).sum())
+        if progress:
+            progress(i + 1, len(es.chunks))
+    n = es.n_scored
+    ppl = math.exp(nll / n)
+    return Quality(ppl=ppl, ref_ppl=ref.ppl, delta_ppl_pct=100 * (ppl / ref.ppl - 1),
+                   kld=kld / n, top1=agree / n, tokens=n)
+
+
+@contextmanager
+def hf_logits(path: Path, *, dtype: str = "float32", device: str = "cpu",
+              **load_kwargs: Any) -> Iterator[LogitsFn]:
+    """A transformers model as a logits function (the way users load GPTQ/AWQ/fp16)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=getattr(torch, dtype),
+                                                 **load_kwargs)
+    model = model.to(device) if not load_kwargs.get("device_map") else model
+    model.eval()
+
+    def fn(ids: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            x = torch.as_tensor(ids, dtype=torch.long, device=model.device)[None]
+            return model(input_ids=x).logits[0].float().cpu().numpy()
+
+    try:
+        yield fn
+    finally:
+        del model

@@ -1,0 +1,302 @@
+"""The only orchestrator: recipe -> plan -> calibration -> engines -> evaluate -> cards.
+
+Every finished step is written to manifest.json at once, so a killed build resumes with
+the variant it was on and never redoes one whose cache key and files still match.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import struct
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from .calibration import CalibrationSet, build_calibration
+from .engines import ENGINES
+from .engines.base import Artifact, BuildContext, SourceModel, bits_per_weight, file_entries
+from .errors import EngineError, QuantkitError, SourceError
+from .evaluate import EvalSet, Quality, Reference, compute_reference, hf_logits, make_eval_set, score
+from .manifest import Manifest, VariantRecord, load_manifest, save_manifest
+from .plan import Plan, Variant, cache_key
+from .recipe import Recipe, resolve_local_source
+
+WORK = ".work"  # scratch inside the build folder: reference logits, shared engine files
+
+
+@dataclass(frozen=True)
+class Event:
+    """What the pipeline reports; the CLI draws it. kind: stage|start|task|done|skip|fail."""
+
+    kind: str
+    variant: str = ""
+    task: str = ""
+    done: int = 0
+    total: int | None = None
+    message: str = ""
+
+
+Reporter = Callable[[Event], None]
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    manifest: Manifest
+    built: tuple[str, ...] = ()
+    skipped: tuple[str, ...] = ()
+    failed: dict[str, str] = field(default_factory=dict)
+
+
+def _quiet(_: Event) -> None:
+    pass
+
+
+# ---------------------------------------------------------------- source model
+
+
+def resolve_source(recipe: Recipe) -> SourceModel:
+    """The source as a local folder: the recipe's folder, or a Hub snapshot."""
+    local = resolve_local_source(recipe)
+    if local is not None:
+        return _source_record(recipe.model.source, local, "local", _folder_fingerprint(local))
+    try:
+        from huggingface_hub import snapshot_download
+
+        path = Path(snapshot_download(recipe.model.source, revision=recipe.model.revision,
+                                      allow_patterns=["*.json", "*.safetensors", "*.model",
+                                                      "*.txt", "*.py", "README.md"]))
+    except Exception as e:  # noqa: BLE001 - network, auth, missing repo: one message
+        raise SourceError(recipe.model.source, f"cannot download: {e}") from None
+    return _source_record(recipe.model.source, path, path.name, path.name)
+
+
+def _source_record(sid: str, path: Path, revision: str, fingerprint: str) -> SourceModel:
+    cfg_path = path / "config.json"
+    if not cfg_path.is_file():
+        raise SourceError(sid, f"no config.json in {path}")
+    cfg = json.loads(cfg_path.read_text())
+    arch = (cfg.get("architectures") or ["unknown"])[0]
+    return SourceModel(sid, path, revision, fingerprint, count_params(path), arch)
+
+
+def _folder_fingerprint(path: Path) -> str:
+    """Names, sizes and mtimes: cheap for multi-GB weights, changes when they change."""
+    h = hashlib.sha256()
+    for p in sorted(path.rglob("*")):
+        if p.is_file():
+            st = p.stat()
+            h.update(f"{p.relative_to(path)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def count_params(path: Path) -> int:
+    """Parameters in the safetensors files, read from their headers alone."""
+    total = 0
+    for f in path.glob("*.safetensors"):
+        with open(f, "rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(n))
+        for name, t in header.items():
+            if name != "__metadata__":
+                count = 1
+                for d in t["shape"]:
+                    count *= d
+                total += count
+    return total
+
+
+# ---------------------------------------------------------------- shared inputs
+
+
+@dataclass
+class _Inputs:
+    """What every variant of one build shares, made on first use."""
+
+    plan: Plan
+    source: SourceModel
+    tokenizer: Any
+    calib: CalibrationSet
+    device: str
+    report: Reporter
+    eval_set: EvalSet | None = None
+    reference: Reference | None = None
+
+    @property
+    def work_dir(self) -> Path:
+        return self.plan.out_dir / WORK
+
+    def context(self, v: Variant) -> BuildContext:
+        def progress(task: str, done: int, total: int | None) -> None:
+            self.report(Event("task", v.name, task, done, total))
+
+        return BuildContext(self.source, self.calib, self.work_dir, self.device, progress)
+
+    def ensure_reference(self) -> tuple[EvalSet, Reference]:
+        if self.reference is None:
+            spec = self.plan.recipe.evaluation
+            self.eval_set = make_eval_set(self.tokenizer, self.calib.eval_texts, spec.tokens, spec.ctx)
+            cache = self.work_dir / f"reference-{self.source.fingerprint[:12]}-{self.eval_set.sha256[:12]}.npy"
+            self.report(Event("stage", task="reference logits (unquantized model)"))
+            dtype = "bfloat16" if self.device == "cuda" else "float32"
+            with hf_logits(self.source.path, dtype=dtype, device=self.device) as fn:
+                self.reference = compute_reference(
+                    self.eval_set, fn, cache,
+                    lambda d, t: self.report(Event("task", "reference", "reference logits", d, t)))
+        assert self.eval_set is not None
+        return self.eval_set, self.reference
+
+
+def detect_device() -> str:
+    try:
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    except ImportError:
+        return "cpu"
+
+
+def prepare(plan: Plan, report: Reporter = _quiet) -> _Inputs:
+    """Source, tokenizer and calibration set: once per build, shared by all variants."""
+    from transformers import AutoTokenizer
+
+    report(Event("stage", task=f"source {plan.recipe.model.source}"))
+    source = resolve_source(plan.recipe)
+    tokenizer = AutoTokenizer.from_pretrained(str(source.path))
+    report(Event("stage", task="calibration set"))
+    calib = build_calibration(plan.recipe, tokenizer)
+    return _Inputs(plan, source, tokenizer, calib, detect_device(), report)
+
+
+# ---------------------------------------------------------------- build
+
+
+def recipe_sha256(recipe: Recipe) -> str:
+    return hashlib.sha256(Path(recipe.path).read_bytes()).hexdigest() if Path(recipe.path).is_file() else ""
+
+
+def build(plan: Plan, *, only: list[str] | None = None, report: Reporter = _quiet) -> BuildResult:
+    """Build, evaluate and card every selected variant; failures are recorded, not raised."""
+    variants = plan.select(only)
+    inputs = prepare(plan, report)
+    manifest = load_manifest(plan.out_dir) or Manifest(recipe_sha256(plan.recipe), {})
+    manifest = replace(manifest, recipe_sha256=recipe_sha256(plan.recipe), calibration=_calib_info(inputs.calib),
+                       source={"id": inputs.source.id, "revision": inputs.source.revision,
+                               "fingerprint": inputs.source.fingerprint, "n_params": inputs.source.n_params})
+    save_manifest(plan.out_dir, manifest)
+    built, skipped, failed = [], [], {}
+    for v in variants:
+        try:
+            manifest, did = _one_variant(v, inputs, manifest)
+            (built if did else skipped).append(v.name)
+        except (QuantkitError, MemoryError, RuntimeError, OSError, ValueError) as e:
+            reason = _reason(e)
+            failed[v.name] = reason
+            manifest = manifest.with_variant(v.name, _failed_record(v, manifest, reason))
+            save_manifest(plan.out_dir, manifest)
+            report(Event("fail", v.name, message=reason))
+    manifest = _cards(plan, manifest, report)
+    return BuildResult(manifest, tuple(built), tuple(skipped), failed)
+
+
+def _reason(e: BaseException) -> str:
+    if isinstance(e, QuantkitError):
+        return str(e)
+    if isinstance(e, MemoryError) or "out of memory" in str(e).lower():
+        return f"out of memory: {e}".strip()
+    last = traceback.extract_tb(e.__traceback__)[-1] if e.__traceback__ else None
+    where = f" (at {Path(last.filename).name}:{last.lineno})" if last else ""
+    return f"{type(e).__name__}: {e}{where}"
+
+
+def _failed_record(v: Variant, m: Manifest, reason: str) -> VariantRecord:
+    old = m.variants.get(v.name)
+    base = old or VariantRecord(v.format, v.branch, v.repo, "failed", params=v.params_dict())
+    return replace(base, state="failed", error=reason)
+
+
+def _calib_info(c: CalibrationSet) -> dict[str, Any]:
+    return {"source": c.source, "sha256": c.sha256, "samples": int(c.windows.shape[0]),
+            "seq_len": int(c.windows.shape[1]), "items": c.n_items, "contexts": c.n_contexts,
+            "eval_texts": len(c.eval_texts)}
+
+
+def _files_intact(folder: Path, rec: VariantRecord) -> bool:
+    """Sizes only: re-hashing multi-GB files on every run would cost minutes."""
+    return bool(rec.files) and all(
+        (folder / f.path).is_file() and (folder / f.path).stat().st_size == f.size
+        for f in rec.files if f.path != "README.md")
+
+
+def _one_variant(v: Variant, inputs: _Inputs, m: Manifest) -> tuple[Manifest, bool]:
+    engine = ENGINES[v.format]
+    version = engine.version()
+    key = cache_key(v, source_fingerprint=inputs.source.fingerprint, calib_sha256=inputs.calib.sha256,
+                    engine=engine.name, engine_version=version)
+    rec = m.variants.get(v.name)
+    folder = inputs.plan.variant_dir(v)
+    fresh = rec is not None and rec.cache_key == key and _files_intact(folder, rec)
+    if fresh and rec.at_least("evaluated"):
+        inputs.report(Event("skip", v.name, message="up to date"))
+        return m, False
+    inputs.report(Event("start", v.name, message=f"{engine.name} ({version})"))
+    if not (fresh and rec.at_least("built")):
+        art = _build_files(v, inputs, engine, version)
+        rec = VariantRecord(v.format, v.branch, v.repo, "built", key, v.params_dict(), art.files,
+                            art.size_bytes, art.bits_per_weight, None, round(art.seconds, 2),
+                            engine.name, version, dict(art.notes))
+        m = m.with_variant(v.name, rec)
+        save_manifest(inputs.plan.out_dir, m)
+    assert rec is not None
+    q = _evaluate(v, inputs, engine, folder)
+    m = m.with_variant(v.name, replace(rec, state="evaluated", quality=_rounded(q), error=None))
+    save_manifest(inputs.plan.out_dir, m)
+    inputs.report(Event("done", v.name, message=f"ΔPPL {q.delta_ppl_pct:+.2f} %, KLD {q.kld:.4f}"))
+    return m, True
+
+
+def _build_files(v: Variant, inputs: _Inputs, engine: Any, version: str) -> Artifact:
+    """Build into a hidden partial folder, then swap it in: a crash leaves no half variant."""
+    out = inputs.plan.variant_dir(v)
+    tmp = out.with_name(f".{out.name}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    inputs.work_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    try:
+        notes = engine.build(v, inputs.context(v), tmp) or {}
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    seconds = time.perf_counter() - t0
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    files = file_entries(out)
+    if not any(f.path.endswith((".safetensors", ".gguf")) for f in files):
+        raise EngineError(engine.name, "wrote no weight files", v.name)
+    return Artifact(v.name, out, files, bits_per_weight(files, inputs.source.n_params), engine.name,
+                    version, seconds, tuple(sorted(notes.items())))
+
+
+def _evaluate(v: Variant, inputs: _Inputs, engine: Any, folder: Path) -> Quality:
+    es, ref = inputs.ensure_reference()
+    inputs.report(Event("task", v.name, "evaluate", 0, len(es.chunks)))
+    with engine.open_model(folder, inputs.context(v)) as fn:
+        return score(es, ref, fn, lambda d, t: inputs.report(Event("task", v.name, "evaluate", d, t)))
+
+
+def _rounded(q: Quality) -> dict[str, float]:
+    return {k: round(val, 6) for k, val in q.as_dict().items()}
+
+
+def _cards(plan: Plan, m: Manifest, report: Reporter) -> Manifest:
+    from . import card
+
+    report(Event("stage", task="model cards"))
+    m = card.write_cards(plan, m, plan.out_dir)
+    save_manifest(plan.out_dir, m)
+    return m

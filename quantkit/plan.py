@@ -1,0 +1,160 @@
+"""Recipe -> Plan: variant names, repos, branches, output folders and cache keys. No I/O."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import Problem, RecipeError
+from .recipe import Params, Recipe, VariantSpec, valid_branch, valid_repo_name
+
+# Repo suffix per format, as TheBloke named them ({name}-GPTQ, -AWQ, -GGUF, -exl2).
+FORMAT_SUFFIX = {"gptq": "GPTQ", "awq": "AWQ", "gguf": "GGUF", "exl2": "exl2"}
+
+CACHE_SCHEMA = 1  # bump when what a cache key covers changes
+
+
+def _bpw(p: Any) -> str:
+    return f"{p.bpw:.2f}".rstrip("0").rstrip(".") if p.bpw * 10 % 1 else f"{p.bpw:.1f}"
+
+
+def _gguf_suffix(p: Any) -> str:
+    return "" if p.imatrix or p.quant in ("F16", "BF16", "F32") else "-noimatrix"
+
+
+# Variant name per format: the branch-style name users know from TheBloke's repos.
+VARIANT_NAME = {
+    "gptq": lambda p: f"gptq-{p.bits}bit-{p.group_size}g-actorder_{p.act_order}",
+    "awq": lambda p: f"awq-{p.bits}bit-{p.group_size}g",
+    "gguf": lambda p: f"gguf-{p.quant}{_gguf_suffix(p)}",
+    "exl2": lambda p: f"exl2-{_bpw(p)}bpw",
+}
+
+# Branch of a non-default variant: GPTQ/AWQ keep the full name, GGUF the quant type,
+# EXL2 the bits per weight ("4.0bpw"), as in the repos users already know.
+BRANCH_NAME = {
+    "gptq": VARIANT_NAME["gptq"],
+    "awq": VARIANT_NAME["awq"],
+    "gguf": lambda p: f"{p.quant}{_gguf_suffix(p)}",
+    "exl2": lambda p: f"{_bpw(p)}bpw",
+}
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    format: str
+    repo: str  # "{owner}/..." stays a placeholder until the owner is known
+    branch: str
+    params: Params
+    index: int  # the [[variants]] entry it came from
+
+    def params_dict(self) -> dict[str, Any]:
+        return self.params.model_dump()
+
+
+@dataclass(frozen=True)
+class Plan:
+    recipe: Recipe
+    variants: tuple[Variant, ...]
+    out_dir: Path
+
+    def variant_dir(self, v: Variant) -> Path:
+        return self.out_dir / v.name
+
+    def select(self, only: list[str] | None) -> tuple[Variant, ...]:
+        if not only:
+            return self.variants
+        unknown = [n for n in only if n not in {v.name for v in self.variants}]
+        if unknown:
+            raise RecipeError(self.recipe.path, [Problem("--only", f"no variant named {n!r}; "
+                              f"known: {', '.join(v.name for v in self.variants)}") for n in unknown])
+        return tuple(v for v in self.variants if v.name in only)
+
+
+def repo_for(recipe: Recipe, fmt: str, owner: str | None = None) -> str:
+    owner = owner or recipe.publish.owner or "{owner}"
+    return recipe.publish.repo.format(owner=owner, name=recipe.model.model_name,
+                                      FORMAT=FORMAT_SUFFIX[fmt], format=fmt)
+
+
+def make_plan(recipe: Recipe, out_dir: Path | None = None) -> Plan:
+    """Name every variant, give each repo one `main`, and refuse collisions."""
+    problems: list[Problem] = []
+    variants: list[Variant] = []
+    seen: dict[str, VariantSpec] = {}
+    for spec in recipe.variants:
+        name = VARIANT_NAME[spec.format](spec.params)
+        if name in seen:
+            problems.append(Problem(f"variants[{spec.index}]", f"gives {name!r} again (as "
+                            f"variants[{seen[name].index}] does); variant names must be unique",
+                            spec.line))
+            continue
+        seen[name] = spec
+        repo = repo_for(recipe, spec.format)
+        variants.append(Variant(name, spec.format, repo, spec.branch or "", spec.params, spec.index))
+    variants = _assign_branches(variants, recipe, problems)
+    problems += _check_repos(variants, recipe)
+    if problems:
+        raise RecipeError(recipe.path, problems)
+    out = out_dir or Path("build") / recipe.model.model_name
+    return Plan(recipe, tuple(_ordered(variants)), out)
+
+
+def _assign_branches(variants: list[Variant], recipe: Recipe, problems: list[Problem]) -> list[Variant]:
+    """Explicit branches stay; the repo's first unnamed variant is `main` when none claims it."""
+    by_repo: dict[str, list[Variant]] = defaultdict(list)
+    for v in variants:
+        by_repo[v.repo].append(v)
+    out = []
+    for repo, vs in by_repo.items():
+        mains = [v for v in vs if v.branch == "main"]
+        for extra in mains[1:]:
+            problems.append(_problem(recipe, extra, "branch", f"a second 'main' for {repo} "
+                                     f"(variants[{mains[0].index}] is main already)"))
+        unnamed = [v for v in vs if not v.branch]
+        default = mains[0] if mains else (unnamed[0] if unnamed else None)
+        for v in vs:
+            branch = "main" if v is default else (v.branch or BRANCH_NAME[v.format](v.params))
+            out.append(Variant(v.name, v.format, v.repo, branch, v.params, v.index))
+    return out
+
+
+def _check_repos(variants: list[Variant], recipe: Recipe) -> list[Problem]:
+    out, taken = [], {}
+    for v in variants:
+        key = (v.repo, v.branch)
+        if key in taken and v.branch != "main":  # a second main is reported already
+            out.append(_problem(recipe, v, "branch", f"{v.repo}@{v.branch} is used by another "
+                                f"variant ({taken[key]})"))
+        taken.setdefault(key, v.index)
+        name = v.repo.split("/")[-1]
+        if not valid_repo_name(name):
+            out.append(Problem("publish.repo", f"{name!r} is not a repo name the Hub accepts"))
+        if not valid_branch(v.branch):
+            out.append(_problem(recipe, v, "branch", f"{v.branch!r} is not a valid branch name"))
+    return out
+
+
+def _problem(recipe: Recipe, v: Variant, key: str, msg: str) -> Problem:
+    line = next((s.line for s in recipe.variants if s.index == v.index), None)
+    return Problem(f"variants[{v.index}].{key}", msg, line)
+
+
+def _ordered(variants: list[Variant]) -> list[Variant]:
+    """Repos in recipe order; within one, `main` first, then names sorted."""
+    repos = list(dict.fromkeys(v.repo for v in variants))
+    return sorted(variants, key=lambda v: (repos.index(v.repo), v.branch != "main", v.name))
+
+
+def cache_key(v: Variant, *, source_fingerprint: str, calib_sha256: str, engine: str,
+              engine_version: str, extra: dict[str, Any] | None = None) -> str:
+    """Everything that changes a variant's bytes: source, settings, calibration, engine."""
+    blob = json.dumps({"schema": CACHE_SCHEMA, "source": source_fingerprint, "format": v.format,
+                       "params": v.params_dict(), "calib": calib_sha256, "engine": engine,
+                       "engine_version": engine_version, "extra": extra or {}}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()

@@ -1,0 +1,523 @@
+"""Recipe: a TOML file validated at the door into frozen pydantic models.
+
+Lists in a `[[variants]]` entry expand to one variant per combination; the `[gptq]`,
+`[awq]`, `[gguf]`, `[exl2]` tables hold defaults for their variants. Every problem is
+reported with its field path and TOML line, all at once.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import Problem, RecipeError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+FORMATS = ("gptq", "awq", "gguf", "exl2")
+GROUP_SIZES = (-1, 32, 64, 128, 256, 1024)
+
+# GGUF types llama-quantize writes: name -> (approximate bits per weight on a large
+# Llama, needs an importance matrix). Approximate values are llama.cpp's own table.
+GGUF_TYPES: dict[str, tuple[float, bool]] = {
+    "F32": (32.0, False),
+    "F16": (16.0, False),
+    "BF16": (16.0, False),
+    "Q8_0": (8.5, False),
+    "Q6_K": (6.56, False),
+    "Q5_K_M": (5.67, False),
+    "Q5_K_S": (5.52, False),
+    "Q5_1": (6.0, False),
+    "Q5_0": (5.5, False),
+    "Q4_K_M": (4.83, False),
+    "Q4_K_S": (4.58, False),
+    "Q4_1": (5.0, False),
+    "Q4_0": (4.5, False),
+    "Q3_K_L": (4.27, False),
+    "Q3_K_M": (3.91, False),
+    "Q3_K_S": (3.5, False),
+    "Q2_K": (3.35, False),
+    "Q2_K_S": (3.0, True),   # llama.cpp refuses it without an imatrix
+    "IQ4_NL": (4.5, True),   # IQ* are designed around an imatrix; we require one
+    "IQ4_XS": (4.25, True),
+    "IQ3_M": (3.66, True),
+    "IQ3_S": (3.44, True),
+    "IQ3_XS": (3.3, True),
+    "IQ3_XXS": (3.06, True),
+    "IQ2_M": (2.7, True),
+    "IQ2_S": (2.5, True),
+    "IQ2_XS": (2.31, True),
+    "IQ2_XXS": (2.06, True),
+    "IQ1_M": (1.75, True),
+    "IQ1_S": (1.56, True),
+}
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_HUB_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,96}$")
+_BRANCH = re.compile(r"^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*$")
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# ---------------------------------------------------------------- top-level tables
+
+
+class ModelSpec(_Frozen):
+    source: str
+    revision: str = "main"
+    name: str | None = None  # default: last part of source
+    display_name: str | None = None
+    creator: str | None = None
+    license: str | None = None
+    prompt_template: str | None = None
+
+    @field_validator("source")
+    @classmethod
+    def _source_not_empty(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must not be empty")
+        return v
+
+    @property
+    def model_name(self) -> str:
+        return self.name or self.source.rstrip("/").split("/")[-1]
+
+
+class CalibrationSpec(_Frozen):
+    dataset: str | None = None  # None: the German sample shipped in calibration/
+    split: str = "train"
+    samples: int = Field(128, ge=1, le=100_000)
+    seq_len: int = Field(4096, ge=16, le=131_072)
+    seed: int = 0
+    template: str | None = None  # uses {context}, {question}, {answer}
+
+    @field_validator("template")
+    @classmethod
+    def _template_fields(cls, v: str | None) -> str | None:
+        if v is not None and "{context}" not in v:
+            raise ValueError("must contain {context}")
+        return v
+
+
+class EvaluationSpec(_Frozen):
+    dataset: str | None = None  # None: the part of the calibration data held out
+    split: str = "test"
+    tokens: int = Field(16384, ge=64)
+    ctx: int = Field(512, ge=16)
+
+
+class PublishSpec(_Frozen):
+    repo: str = "{owner}/{name}-{FORMAT}"
+    owner: str | None = None  # None: asked from the Hub at publish time
+    private: bool = False
+    quantized_by: str | None = None
+
+
+# ---------------------------------------------------------------- per-format parameters
+
+
+class GPTQParams(_Frozen):
+    bits: int = 4
+    group_size: int = 128
+    act_order: bool = True
+    damp: float = 0.1
+    sym: bool = True
+    true_sequential: bool = True
+    seq_len: int | None = Field(None, ge=16)  # None: [calibration] seq_len
+    engine: Literal["gptqmodel", "auto-gptq"] = "gptqmodel"
+
+    @field_validator("bits")
+    @classmethod
+    def _check_bits(cls, v: int) -> int:
+        return _one_of(v, (2, 3, 4, 8))
+    @field_validator("group_size")
+    @classmethod
+    def _check_group_size(cls, v: int) -> int:
+        return _one_of(v, GROUP_SIZES)
+
+    @field_validator("damp")
+    @classmethod
+    def _damp_range(cls, v: float) -> float:
+        if not 0 < v < 1:
+            raise ValueError("must be between 0 and 1 (exclusive), e.g. 0.1 for 10 %")
+        return v
+
+
+class AWQParams(_Frozen):
+    bits: int = 4
+    group_size: int = 128
+    zero_point: bool = True
+    engine: Literal["gptqmodel", "autoawq"] = "gptqmodel"
+
+    @field_validator("bits")
+    @classmethod
+    def _check_bits(cls, v: int) -> int:
+        return _one_of(v, (4,))
+    @field_validator("group_size")
+    @classmethod
+    def _check_group_size(cls, v: int) -> int:
+        return _one_of(v, GROUP_SIZES)
+
+
+class GGUFParams(_Frozen):
+    quant: str
+    imatrix: bool = True
+
+    @field_validator("quant")
+    @classmethod
+    def _known_type(cls, v: str) -> str:
+        up = v.upper()
+        if up not in GGUF_TYPES:
+            raise ValueError(f"unknown GGUF type {v!r}; known: {', '.join(GGUF_TYPES)}")
+        return up
+
+    @model_validator(mode="after")
+    def _imatrix_needed(self) -> GGUFParams:
+        if GGUF_TYPES[self.quant][1] and not self.imatrix:
+            raise ValueError(f"{self.quant} needs an importance matrix: set imatrix = true")
+        return self
+
+
+class EXL2Params(_Frozen):
+    bpw: float
+    head_bits: int = 6
+
+    @field_validator("bpw")
+    @classmethod
+    def _bpw_range(cls, v: float) -> float:
+        if not 2.0 <= v <= 8.0:
+            raise ValueError("must be between 2.0 and 8.0")
+        return float(v)
+
+    @field_validator("head_bits")
+    @classmethod
+    def _check_head_bits(cls, v: int) -> int:
+        return _one_of(v, (2, 3, 4, 5, 6, 8))
+
+
+PARAMS: dict[str, type[_Frozen]] = {
+    "gptq": GPTQParams,
+    "awq": AWQParams,
+    "gguf": GGUFParams,
+    "exl2": EXL2Params,
+}
+
+Params = GPTQParams | AWQParams | GGUFParams | EXL2Params
+
+
+def _one_of(v: int, allowed: tuple[int, ...]) -> int:
+    if v not in allowed:
+        raise ValueError(f"must be one of {', '.join(map(str, allowed))}")
+    return v
+
+
+class VariantSpec(_Frozen):
+    """One expanded variant as the recipe asks for it (before naming)."""
+
+    format: Literal["gptq", "awq", "gguf", "exl2"]
+    params: Params
+    branch: str | None = None  # explicit branch; "main" marks the repo's default variant
+    index: int  # position of its [[variants]] entry, for error messages
+    line: int | None = None  # TOML line of that entry's header
+
+
+class Recipe(_Frozen):
+    model: ModelSpec
+    calibration: CalibrationSpec = CalibrationSpec()
+    evaluation: EvaluationSpec = EvaluationSpec()
+    publish: PublishSpec = PublishSpec()
+    variants: tuple[VariantSpec, ...]
+    path: str = ""  # the file it came from
+    base_dir: str = "."  # relative paths in the recipe resolve against this
+
+
+class _RecipeFile(_Frozen):
+    """The raw file shape: tables validated here, variants expanded afterwards."""
+
+    version: int = 1
+    model: ModelSpec
+    calibration: CalibrationSpec = CalibrationSpec()
+    evaluation: EvaluationSpec = EvaluationSpec()
+    publish: PublishSpec = PublishSpec()
+    gptq: dict[str, Any] = {}
+    awq: dict[str, Any] = {}
+    gguf: dict[str, Any] = {}
+    exl2: dict[str, Any] = {}
+    variants: list[dict[str, Any]] = Field(min_length=1)
+
+    @field_validator("version")
+    @classmethod
+    def _v1(cls, v: int) -> int:
+        return _one_of(v, (1,))
+
+
+# ---------------------------------------------------------------- loading
+
+
+def load_recipe(path: str | Path, *, check_source: bool = True) -> Recipe:
+    """Read and validate a recipe file; raise RecipeError listing every problem."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as e:
+        raise RecipeError(str(p), [Problem("<file>", e.strerror or str(e))]) from None
+    return parse_recipe(text, file=str(p), base_dir=p.parent, check_source=check_source)
+
+
+def parse_recipe(text: str, *, file: str = "<recipe>", base_dir: str | Path = ".",
+                 check_source: bool = True) -> Recipe:
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        m = re.search(r"\(at line (\d+)", str(e))
+        line = int(m.group(1)) if m else None
+        raise RecipeError(file, [Problem("<toml>", str(e).split(" (at line")[0], line)]) from None
+    locate = _Locator(text)
+    try:
+        rf = _RecipeFile.model_validate(raw)
+    except ValidationError as e:
+        raise RecipeError(file, [locate.problem(p, m) for p, m in _pydantic_problems(e)]) from None
+    problems: list[Problem] = []
+    variants = [v.model_copy(update={"line": locate.line_of(f"variants[{v.index}]")})
+                for v in _expand_all(rf, problems)]
+    recipe = None
+    if not problems:
+        recipe = Recipe(model=rf.model, calibration=rf.calibration, evaluation=rf.evaluation,
+                        publish=rf.publish, variants=tuple(variants), path=file,
+                        base_dir=str(Path(base_dir).resolve()))
+        problems += _check_branches(recipe)
+        if check_source:
+            problems += _check_source(recipe)
+    if problems:
+        raise RecipeError(file, [locate.problem(p.path, p.message) for p in problems])
+    assert recipe is not None
+    return recipe
+
+
+def _pydantic_problems(e: ValidationError, prefix: str = "") -> list[tuple[str, str]]:
+    out = []
+    for err in e.errors():
+        loc = [str(x) for x in err["loc"] if not str(x).startswith(("function-", "int", "float"))]
+        path = prefix + _join_path(loc)
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        out.append((path, msg))
+    return out
+
+
+def _join_path(parts: list[str]) -> str:
+    out = ""
+    for part in parts:
+        if part.isdigit():
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + part
+    return out
+
+
+def _expand_all(rf: _RecipeFile, problems: list[Problem]) -> list[VariantSpec]:
+    out: list[VariantSpec] = []
+    for i, entry in enumerate(rf.variants):
+        out += _expand_one(i, entry, getattr(rf, entry.get("format", ""), {}) if
+                           entry.get("format") in FORMATS else {}, problems)
+    return out
+
+
+def _expand_one(i: int, entry: dict[str, Any], defaults: dict[str, Any],
+                problems: list[Problem]) -> list[VariantSpec]:
+    """Expand list-valued keys into the product of their values, then validate each."""
+    where = f"variants[{i}]"
+    fmt = entry.get("format")
+    if fmt not in FORMATS:
+        problems.append(Problem(f"{where}.format", f"must be one of {', '.join(FORMATS)}"))
+        return []
+    model = PARAMS[fmt]
+    body = {k: v for k, v in entry.items() if k not in ("format", "branch")}
+    for key in [*defaults, *body]:
+        if key not in model.model_fields:
+            src = f"{fmt}.{key}" if key in defaults and key not in body else f"{where}.{key}"
+            problems.append(Problem(src, f"unknown key for {fmt} (known: {', '.join(model.model_fields)})"))
+    if problems:
+        return []
+    merged = {**defaults, **body}
+    keys = list(merged)
+    axes = [v if isinstance(v, list) else [v] for v in merged.values()]
+    if any(len(a) == 0 for a in axes):
+        problems.append(Problem(where, "a list of values is empty"))
+        return []
+    combos = [dict(zip(keys, c)) for c in itertools.product(*axes)]
+    branch = entry.get("branch")
+    if branch is not None and (len(combos) > 1 or not isinstance(branch, str)):
+        problems.append(Problem(f"{where}.branch", "must be a string on a variant that expands to one"))
+        return []
+    return [v for c in combos if (v := _validate_combo(i, fmt, c, body, problems, branch))]
+
+
+def _validate_combo(i: int, fmt: str, combo: dict[str, Any], body: dict[str, Any],
+                    problems: list[Problem], branch: str | None) -> VariantSpec | None:
+    try:
+        params = PARAMS[fmt].model_validate(combo)
+    except ValidationError as e:
+        for path, msg in _pydantic_problems(e):
+            key = path.split(".")[0].split("[")[0]
+            src = f"variants[{i}].{path}" if (key in body or not key) else f"{fmt}.{path}"
+            if not key:
+                src = f"variants[{i}]"
+            problems.append(Problem(src, msg))
+        return None
+    return VariantSpec(format=fmt, params=params, branch=branch, index=i)  # type: ignore[arg-type]
+
+
+def _check_branches(recipe: Recipe) -> list[Problem]:
+    out = []
+    for v in recipe.variants:
+        b = v.branch
+        if b is not None and not valid_branch(b):
+            out.append(Problem(f"variants[{v.index}].branch",
+                               f"{b!r} is not a branch name git and the Hub accept"))
+    return out
+
+
+def valid_branch(b: str) -> bool:
+    """Git's ref rules plus the Hub's: plain ASCII parts, no '..', no '.lock' ending."""
+    return bool(_BRANCH.match(b)) and ".." not in b and not b.endswith((".lock", ".")) \
+        and not b.startswith(("-", ".")) and not b.startswith("refs") and b != "HEAD"
+
+
+def valid_repo_name(name: str) -> bool:
+    return bool(_HUB_NAME.match(name)) and "--" not in name and ".." not in name \
+        and not name.startswith(("-", ".")) and not name.endswith(("-", "."))
+
+
+# ---------------------------------------------------------------- source model checks
+
+
+def resolve_local_source(recipe: Recipe) -> Path | None:
+    """The source as a local folder, if it is one (relative to the recipe, then the cwd)."""
+    src = Path(recipe.model.source).expanduser()
+    for cand in ([src] if src.is_absolute() else [Path(recipe.base_dir) / src, Path.cwd() / src]):
+        if cand.is_dir():
+            return cand.resolve()
+    return None
+
+
+def _check_source(recipe: Recipe) -> list[Problem]:
+    local = resolve_local_source(recipe)
+    if local is None and not _HUB_ID.match(recipe.model.source):
+        return [Problem("model.source", f"{recipe.model.source!r} is neither an existing folder "
+                        "nor a Hub id like 'owner/name'")]
+    config = read_model_config(recipe, local)
+    return _check_group_sizes(recipe, config) if config else []
+
+
+def read_model_config(recipe: Recipe, local: Path | None = None) -> dict[str, Any] | None:
+    """config.json from the local folder or the Hub cache; None if not readable offline."""
+    path: Path | None = None
+    local = local or resolve_local_source(recipe)
+    if local is not None:
+        path = local / "config.json"
+    else:
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            hit = try_to_load_from_cache(recipe.model.source, "config.json",
+                                         revision=recipe.model.revision)
+            path = Path(hit) if isinstance(hit, str) else None
+        except Exception:  # a broken cache must not stop validation
+            path = None
+    if path is None or not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def layer_input_widths(config: dict[str, Any]) -> dict[str, int]:
+    """Input width of each quantized Linear of a decoder layer (Llama-style configs)."""
+    cfg = config.get("text_config", config)
+    hidden = cfg.get("hidden_size")
+    if not hidden:
+        return {}
+    heads = cfg.get("num_attention_heads") or 1
+    head_dim = cfg.get("head_dim") or hidden // heads
+    widths = {
+        "self_attn.q_proj/k_proj/v_proj, mlp.gate_proj/up_proj (hidden_size)": hidden,
+        "self_attn.o_proj (heads x head_dim)": heads * head_dim,
+    }
+    if cfg.get("intermediate_size"):
+        widths["mlp.down_proj (intermediate_size)"] = cfg["intermediate_size"]
+    return widths
+
+
+def _check_group_sizes(recipe: Recipe, config: dict[str, Any]) -> list[Problem]:
+    widths = layer_input_widths(config)
+    if not widths:
+        return []
+    ok = [g for g in GROUP_SIZES if g == -1 or all(w % g == 0 for w in widths.values())]
+    out, seen = [], set()
+    for v in recipe.variants:
+        gs = getattr(v.params, "group_size", -1)
+        bad = [(layer, w) for layer, w in widths.items() if gs != -1 and w % gs]
+        if bad and (v.index, gs) not in seen:
+            seen.add((v.index, gs))
+            layer, w = bad[0]
+            out.append(Problem(f"variants[{v.index}].group_size",
+                               f"{gs} does not divide the input width {w} of {layer}; "
+                               f"the runtime kernels refuse such a checkpoint. Group sizes that "
+                               f"work for this model: {', '.join(map(str, ok))}"))
+    return out
+
+
+# ---------------------------------------------------------------- TOML line lookup
+
+
+class _Locator:
+    """Finds the TOML line of a field path like 'variants[2].bits' or 'gptq.damp'."""
+
+    _HEADER = re.compile(r"^\s*\[\[?\s*([A-Za-z0-9_.-]+)\s*\]\]?")
+
+    def __init__(self, text: str):
+        self.lines = text.splitlines()
+
+    def problem(self, path: str, message: str) -> Problem:
+        return Problem(path, message, self.line_of(path))
+
+    def line_of(self, path: str) -> int | None:
+        m = re.match(r"^([A-Za-z0-9_]+)(?:\[(\d+)\])?(?:\.([A-Za-z0-9_]+))?", path)
+        if not m:
+            return None
+        table, index, key = m.group(1), int(m.group(2) or 0), m.group(3)
+        start = self._table_start(table, index)
+        if start is None:
+            return None
+        if key is None:
+            return start + 1
+        for j in range(start + 1, len(self.lines)):
+            if self._HEADER.match(self.lines[j]):
+                break
+            if re.match(rf"^\s*{re.escape(key)}\s*=", self.lines[j]):
+                return j + 1
+        return start + 1
+
+    def _table_start(self, table: str, index: int) -> int | None:
+        count = 0
+        for j, line in enumerate(self.lines):
+            h = self._HEADER.match(line)
+            if h and h.group(1) == table:
+                if count == index:
+                    return j
+                count += 1
+        return None
