@@ -1,0 +1,27 @@
+"""Shared by the benchmark scripts: the SmolLM2 checkpoint (built offline, cached)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+CACHE = Path(os.environ.get("QUANTKIT_CACHE", Path.home() / ".cache" / "quantkit")) / "test-models"
+sys.path.insert(0, str(ROOT))
+
+
+def smollm2(layers: int | None = None) -> Path:
+    """The same cached checkpoint the tests use (tests/conftest.py names)."""
+    from quantkit.demo import build_smollm2
+
+    name = "smollm2-135m-instruct-v1" if layers is None else f"smollm2-135m-instruct-{layers}l-v1"
+    return build_smollm2(CACHE / name, layers=layers)
+
+
+def table(headers: list[str], rows: list[list[object]]) -> str:
+    cells = [headers] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |" for r in cells]
+    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(lines)
