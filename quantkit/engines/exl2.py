@@ -1,0 +1,83 @@
+"""EXL2 through exllamav2's own converter (CUDA only: exllamav2 does not even import
+without it). The calibration set goes in as parquet, the form `convert_exl2 -c` reads.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ..errors import EngineError, EngineUnavailable
+from .base import BuildContext, LogitsFn
+
+if TYPE_CHECKING:
+    from ..plan import Variant
+
+PIN = "0.3.2"
+
+
+class EXL2Engine:
+    name = "exllamav2"
+
+    def version(self) -> str:
+        try:
+            v = importlib.metadata.version("exllamav2")
+        except importlib.metadata.PackageNotFoundError:
+            raise EngineUnavailable(self.name, f"not installed: pip install 'quantkit-workbench[exl2]' "
+                                    f"(exllamav2=={PIN}, needs a CUDA GPU)") from None
+        if not _cuda():
+            raise EngineUnavailable(self.name, "EXL2 conversion needs a CUDA GPU; none found")
+        return f"exllamav2 {v}"
+
+    def build(self, variant: Variant, ctx: BuildContext, out_dir: Path) -> dict[str, Any]:
+        p = variant.params
+        work = ctx.work_dir / f"exl2-job-{variant.name}"
+        calib = ctx.calib.write_parquet(ctx.work_dir / f"calibration-{ctx.calib.sha256[:12]}.parquet")
+        seq = int(ctx.calib.windows.shape[1])
+        cmd = [sys.executable, "-m", "exllamav2.conversion.convert_exl2", "-i", str(ctx.source.path),
+               "-o", str(work), "-nr", "-cf", str(out_dir), "-b", str(p.bpw), "-hb", str(p.head_bits),
+               "-c", str(calib), "-l", str(min(seq, 2048)), "-ml", str(min(seq, 2048)),
+               "-r", str(len(ctx.calib.texts))]
+        ctx.progress("exllamav2 convert", 0, None)
+        res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ})
+        if res.returncode != 0 or not any(out_dir.glob("*.safetensors")):
+            tail = (res.stderr or res.stdout).strip().splitlines()[-3:]
+            raise EngineError(self.name, "convert_exl2 failed: " + " | ".join(tail), variant.name)
+        ctx.progress("exllamav2 convert", 1, 1)
+        return {"bpw": p.bpw, "head_bits": p.head_bits}
+
+    @contextmanager
+    def open_model(self, folder: Path, ctx: BuildContext) -> Iterator[LogitsFn]:
+        import torch
+        from exllamav2 import ExLlamaV2, ExLlamaV2Config
+
+        config = ExLlamaV2Config(str(folder))
+        model = ExLlamaV2(config)
+        model.load()
+
+        def fn(ids: np.ndarray) -> np.ndarray:
+            with torch.inference_mode():
+                x = torch.as_tensor(ids, dtype=torch.long)[None]
+                return model.forward(x).float()[0].cpu().numpy()
+
+        try:
+            yield fn
+        finally:
+            model.unload()
+
+
+def _cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
