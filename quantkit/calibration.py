@@ -26,6 +26,13 @@ SHIPPED_NAME = "quantkit German QA sample (calibration/, GermanQuAD schema)"
 DATA_SUFFIXES = (".json", ".jsonl", ".parquet", ".txt")
 HELD_OUT_EVERY = 5  # without [evaluation] dataset: every 5th context (by hash) is held out
 
+# Frequent German function words: in German prose they are a quarter or more of all words,
+# in English text almost none. Calibrating in the wrong language silently costs quality.
+GERMAN_WORDS = frozenset("""der die das und ist nicht ein eine einen einem einer es den dem des zu
+mit sich auf für von im in als auch an wird werden wurde sind bei oder aus nach wie noch
+über so dass kann nur vor zum zur durch bis sie er wir ihr man sein seine ihre""".split())
+GERMAN_MIN_SHARE = 0.10
+
 
 @dataclass(frozen=True)
 class QAItem:
@@ -44,6 +51,10 @@ class CalibrationSet:
     n_items: int  # formatted items used
     n_contexts: int  # distinct contexts available for calibration
     tokens_available: int  # tokens in all formatted items (before cutting windows)
+
+    @property
+    def german_share(self) -> float:
+        return german_share(self.texts)
 
     def examples(self) -> list[dict[str, list[int]]]:
         """Windows as GPTQModel's calibration examples."""
@@ -270,3 +281,17 @@ def _sha(windows: np.ndarray) -> str:
     h.update(np.ascontiguousarray(windows, dtype=np.int32).tobytes())
     return h.hexdigest()
 
+
+
+def german_share(texts: Iterable[str]) -> float:
+    """Share of words that are common German function words (German prose: about 0.25+)."""
+    words = [w.strip(".,;:!?()\"'").lower() for t in texts for w in t.split()]
+    return sum(w in GERMAN_WORDS for w in words) / max(len(words), 1)
+
+
+def language_warning(c: CalibrationSet) -> str | None:
+    share = c.german_share
+    if share >= GERMAN_MIN_SHARE:
+        return None
+    return (f"the calibration text does not look German ({share:.0%} German function words); "
+            "a set in the wrong language costs quality on German text")

@@ -121,6 +121,8 @@ class _Progress:
     def __call__(self, ev) -> None:
         if ev.kind == "stage":
             self.p.console.print(f"[bold]•[/bold] {ev.task}")
+        elif ev.kind == "warn":
+            self.p.console.print(f"[yellow]warning:[/yellow] {ev.message}", highlight=False)
         elif ev.kind == "start":
             self.p.console.print(f"[bold cyan]▶ {ev.variant}[/bold cyan] {ev.message}")
         elif ev.kind == "task":
@@ -282,7 +284,8 @@ def calib(recipe: RecipeArg) -> None:
             ("tokens in items used", c.tokens_available),
             ("mean tokens per item", f"{c.tokens_available / max(c.n_items, 1):.1f}"),
             ("windows x seq_len", f"{c.windows.shape[0]} x {c.windows.shape[1]}"),
-            ("held-out evaluation texts", len(c.eval_texts)), ("sha256", c.sha256),
+            ("held-out evaluation texts", len(c.eval_texts)),
+            ("German function-word share", f"{c.german_share:.0%}"), ("sha256", c.sha256),
             ("seconds", f"{secs:.2f}")]
     for k, v in rows:
         t.add_row(k, str(v))
@@ -292,7 +295,7 @@ def calib(recipe: RecipeArg) -> None:
 def _calib(recipe: Path):
     from transformers import AutoTokenizer
 
-    from .calibration import build_calibration
+    from .calibration import build_calibration, language_warning
     from .recipe import load_recipe, resolve_local_source
 
     r = load_recipe(recipe)
@@ -300,6 +303,8 @@ def _calib(recipe: Path):
     tok = AutoTokenizer.from_pretrained(str(local) if local else r.model.source,
                                         revision=None if local else r.model.revision)
     c = build_calibration(r, tok)
+    if warning := language_warning(c):
+        err.print(f"[yellow]warning:[/yellow] {warning}")
     if c.windows.shape[0] < r.calibration.samples:
         err.print(f"[yellow]warning:[/yellow] only {c.windows.shape[0]} of {r.calibration.samples} "
                   f"windows of {r.calibration.seq_len} tokens: the data is too short")

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from .calibration import CalibrationSet, build_calibration
+from .calibration import CalibrationSet, build_calibration, language_warning
 from .engines import ENGINES
 from .engines.base import Artifact, BuildContext, SourceModel, bits_per_weight, file_entries
 from .errors import EngineError, QuantkitError, SourceError
@@ -31,7 +31,7 @@ WORK = ".work"  # scratch inside the build folder: reference logits, shared engi
 
 @dataclass(frozen=True)
 class Event:
-    """What the pipeline reports; the CLI draws it. kind: stage|start|task|done|skip|fail."""
+    """What the pipeline reports; the CLI draws it. kind: stage|warn|start|task|done|skip|fail."""
 
     kind: str
     variant: str = ""
@@ -169,6 +169,8 @@ def prepare(plan: Plan, report: Reporter = _quiet) -> _Inputs:
     tokenizer = AutoTokenizer.from_pretrained(str(source.path))
     report(Event("stage", task="calibration set"))
     calib = build_calibration(plan.recipe, tokenizer)
+    if warning := language_warning(calib):
+        report(Event("warn", message=warning))
     return _Inputs(plan, source, tokenizer, calib, detect_device(), report)
 
 

@@ -186,3 +186,22 @@ def test_calib_cli_on_shipped_sample(smollm2: Path, tmp_path: Path) -> None:
     res = CliRunner().invoke(app, ["calib", str(recipe)])
     assert res.exit_code == 0, res.output
     assert "16 x 512" in res.stdout and "mean tokens per item" in res.stdout and "sha256" in res.stdout
+
+
+def test_non_german_calibration_text_warns(smollm2: Path, tmp_path: Path) -> None:
+    english = "The quick brown fox jumps over the lazy dog while the committee reviews the budget. " * 200
+    (tmp_path / "en.txt").write_text(english)
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(f'[model]\nsource = "{smollm2}"\n[calibration]\ndataset = "{tmp_path / "en.txt"}"\n'
+                      'samples = 2\nseq_len = 256\n[[variants]]\nformat = "gguf"\nquant = "Q8_0"\n')
+    res = CliRunner().invoke(app, ["calib", str(recipe)])
+    assert res.exit_code == 0 and "does not look German" in res.stderr
+    ok = CliRunner().invoke(app, ["calib", str(recipe).replace("r.toml", "r2.toml")])
+    assert ok.exit_code == 2  # missing file: exit 2, one line
+
+
+def test_shipped_sample_reads_as_german() -> None:
+    from quantkit.calibration import german_share
+
+    items, _ = load_items(None, "train")
+    assert german_share(it.context for it in items) > 0.2

@@ -1,0 +1,128 @@
+"""The build pipeline end to end on the tiny model: manifest, skip, resume after SIGKILL,
+failure isolation."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from quantkit.cli import app
+from quantkit.manifest import load_manifest
+
+ROOT = Path(__file__).resolve().parent.parent
+QUANTKIT = [sys.executable, "-m", "quantkit.cli"]
+
+
+def _recipe(tmp_path: Path, model: Path, variants: str) -> Path:
+    r = tmp_path / "recipe.toml"
+    r.write_text(f'[model]\nsource = "{model}"\nname = "tiny"\n[calibration]\nsamples = 8\nseq_len = 128\n'
+                 f'[evaluation]\ntokens = 1024\nctx = 128\n[publish]\nowner = "me"\n{variants}')
+    return r
+
+
+THREE_GPTQ = ('[[variants]]\nformat = "gptq"\nbits = [4, 8, 3]\ngroup_size = 32\n')
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "GPTQMODEL_CPU_WORKERS": str(os.cpu_count() or 1), "PYTHONUNBUFFERED": "1"}
+
+
+def test_build_writes_manifest_and_skips_on_rerun(tiny_llama: Path, tmp_path: Path) -> None:
+    recipe = _recipe(tmp_path, tiny_llama, '[[variants]]\nformat = "gptq"\nbits = [4, 8]\ngroup_size = 32\n')
+    out = tmp_path / "build"
+    res = CliRunner().invoke(app, ["build", str(recipe), "--out", str(out)], env=_env())
+    assert res.exit_code == 0, res.output
+    m = load_manifest(out)
+    assert m is not None and set(m.variants) == {"gptq-4bit-32g-actorder_True", "gptq-8bit-32g-actorder_True"}
+    doc = json.loads((out / "manifest.json").read_text())
+    assert doc["recipe_sha256"] and doc["calibration"]["sha256"]
+    for name, rec in m.variants.items():
+        assert rec.state in ("evaluated", "carded") and rec.quality is not None
+        assert rec.size_bytes == sum(f.size for f in rec.files) > 0
+        for f in rec.files:
+            assert (out / name / f.path).stat().st_size == f.size
+        assert (out / name / "quantize_config.json").is_file()
+    q4, q8 = (m.variants[n].quality for n in ("gptq-4bit-32g-actorder_True", "gptq-8bit-32g-actorder_True"))
+    assert q8["kld"] < q4["kld"]
+    assert m.variants["gptq-8bit-32g-actorder_True"].bits_per_weight > m.variants["gptq-4bit-32g-actorder_True"].bits_per_weight
+    before = {f: (out / n / f.path).stat().st_mtime_ns for n, r in m.variants.items() for f in r.files}
+    again = CliRunner().invoke(app, ["build", str(recipe), "--out", str(out)], env=_env())
+    assert again.exit_code == 0, again.output
+    assert again.stderr.count("up to date") == 2
+    m2 = load_manifest(out)
+    assert {f: (out / n / f.path).stat().st_mtime_ns for n, r in m2.variants.items() for f in r.files} == before
+
+
+def _wait_for(cond, proc: subprocess.Popen, timeout: float = 600) -> None:
+    t0 = time.time()
+    while not cond():
+        assert proc.poll() is None, proc.stdout.read() if proc.stdout else "build ended early"
+        assert time.time() - t0 < timeout, "timed out"
+        time.sleep(0.05)
+
+
+def test_sigkill_during_second_variant_resumes_without_rebuilding_first(tiny_llama: Path, tmp_path: Path) -> None:
+    recipe = _recipe(tmp_path, tiny_llama, THREE_GPTQ)
+    out = tmp_path / "build"
+    names = ["gptq-3bit-32g-actorder_True", "gptq-4bit-32g-actorder_True", "gptq-8bit-32g-actorder_True"]
+    order = [json.loads(subprocess.run([*QUANTKIT, "plan", str(recipe), "--json"], capture_output=True, text=True,
+                                       check=True, env=_env()).stdout)["variants"][i]["name"] for i in range(3)]
+    assert sorted(order) == sorted(names)
+    first, second = order[0], order[1]
+    proc = subprocess.Popen([*QUANTKIT, "build", str(recipe), "--out", str(out)], env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    def in_second() -> bool:
+        m = out / "manifest.json"
+        if not m.is_file() or not (out / f".{second}.partial").exists():
+            return False
+        st = json.loads(m.read_text())["variants"].get(first, {}).get("state")
+        return st == "evaluated"
+
+    try:
+        _wait_for(in_second, proc)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    state = json.loads((out / "manifest.json").read_text())["variants"]
+    assert second not in state or state[second]["state"] != "evaluated"
+    weights = next((out / first).glob("*.safetensors"))
+    mtime = weights.stat().st_mtime_ns
+    res = subprocess.run([*QUANTKIT, "build", str(recipe), "--out", str(out)], env=_env(),
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert f"{first} up to date" in res.stderr
+    assert weights.stat().st_mtime_ns == mtime
+    final = json.loads((out / "manifest.json").read_text())["variants"]
+    assert all(final[n]["state"] in ("evaluated", "carded") for n in names)
+    assert not list(out.glob(".*.partial"))
+
+
+def test_failed_variant_is_recorded_and_others_kept(tiny_llama: Path, tmp_path: Path) -> None:
+    """EXL2 needs CUDA: on a CPU machine that variant fails with a reason; GPTQ still lands."""
+    recipe = _recipe(tmp_path, tiny_llama, '[[variants]]\nformat = "exl2"\nbpw = 4.0\n'
+                     '[[variants]]\nformat = "gptq"\nbits = 4\ngroup_size = 32\n')
+    out = tmp_path / "build"
+    res = CliRunner().invoke(app, ["build", str(recipe), "--out", str(out)], env=_env())
+    m = load_manifest(out)
+    assert m is not None
+    if m.variants["exl2-4.0bpw"].state != "failed":  # a CUDA machine with exllamav2 built it
+        return
+    assert res.exit_code == 1
+    assert "exl2-4.0bpw failed: exllamav2:" in res.stderr
+    assert m.variants["exl2-4.0bpw"].error
+    assert m.variants["gptq-4bit-32g-actorder_True"].state in ("evaluated", "carded")
+
+
+def test_only_selects_variants_and_rejects_unknown(tiny_llama: Path, tmp_path: Path) -> None:
+    recipe = _recipe(tmp_path, tiny_llama, THREE_GPTQ)
+    res = CliRunner().invoke(app, ["build", str(recipe), "--out", str(tmp_path / "b"), "--only", "nope"])
+    assert res.exit_code == 2 and "--only: no variant named 'nope'" in res.stderr
