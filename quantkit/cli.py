@@ -26,8 +26,9 @@ from .errors import (BuildFailed, CalibrationError, EngineError, EngineUnavailab
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Quantize and convert LLMs from one recipe: GPTQ, AWQ, GGUF, EXL2.")
-out = Console()
-err = Console(stderr=True)
+# Piped output (CI logs, files) gets wide tables instead of rich's 80-column default.
+out = Console(width=None if sys.stdout.isatty() else 160)
+err = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 
 # Error type -> exit code; the first matching row wins, so subclasses come first.
 EXIT_CODES: list[tuple[type[QuantkitError], int]] = [
@@ -157,7 +158,8 @@ def _progress() -> Iterator[_Progress]:
 def _summary(manifest, names: list[str] | None = None) -> Table:
     t = Table(title="variants")
     for col in ("variant", "branch", "state", "size", "bpw", "ΔPPL %", "KLD", "top-1", "seconds"):
-        t.add_column(col, justify="right" if col not in ("variant", "branch", "state") else "left")
+        t.add_column(col, justify="right" if col not in ("variant", "branch", "state") else "left",
+                     no_wrap=True)
     for name, r in manifest.variants.items():
         if names is not None and name not in names:
             continue
@@ -177,12 +179,35 @@ def _size(n: int) -> str:
     return str(n)
 
 
+def _quiet_libraries() -> None:
+    """The engines log and draw their own bars; our progress display replaces them."""
+    import logging
+    import os
+    import warnings
+
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", category=UserWarning)
+    for name in ("transformers", "tokenicer", "gptqmodel", "accelerate", "huggingface_hub", "torchao", "torch"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        from transformers.utils import logging as tlog
+
+        tlog.set_verbosity_error()
+        tlog.disable_progress_bar()
+    except ImportError:
+        pass
+
+
 def _build_one(recipe: Path, out_dir: Path | None, only: list[str] | None):
     from . import pipeline
 
+    _quiet_libraries()
     p = _plan(recipe, out_dir)
     if p.recipe.calibration.dataset is None:
-        err.print("• calibration: the German sample shipped in calibration/ (no [calibration] dataset set)")
+        err.print("• calibration: the German sample shipped in calibration/ (no \\[calibration] dataset set)")
     with _progress() as rep:
         res = pipeline.build(p, only=only, report=rep)
     return p, res
