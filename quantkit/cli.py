@@ -190,6 +190,10 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", category=UserWarning)
+    try:
+        import torch  # noqa: F401 - torch sets its loggers' levels on import: quiet them after
+    except ImportError:
+        pass
     for name in ("transformers", "tokenicer", "gptqmodel", "accelerate", "huggingface_hub", "torchao", "torch"):
         logging.getLogger(name).setLevel(logging.ERROR)
     try:
@@ -232,6 +236,7 @@ def publish(recipe: RecipeArg, out_dir: OutOpt = None, only: OnlyOpt = None,
     """Push built variants to the Hub, one branch each; uploads only what changed."""
     report = _run(lambda: _publish_one(recipe, out_dir, only, dry_run))
     _print_publish(report, dry_run)
+    _run(report.raise_for_errors)
 
 
 def _publish_one(recipe: Path, out_dir: Path | None, only: list[str] | None, dry_run: bool):
@@ -250,13 +255,20 @@ def _publish_one(recipe: Path, out_dir: Path | None, only: list[str] | None, dry
 
 
 def _print_publish(report: Any, dry_run: bool) -> None:
+    if dry_run:
+        for line in report.operations():
+            out.print(line, highlight=False, markup=False)
     t = Table(title="publish (dry run)" if dry_run else "publish")
-    for col in ("repo", "branch", "added", "removed", "skipped", "bytes", "commit"):
-        t.add_column(col)
+    for col in ("repo", "branch", "status", "added", "removed", "skipped", "bytes", "commit"):
+        t.add_column(col, no_wrap=col != "repo")
     for b in report.branches:
-        t.add_row(b.repo, b.branch, str(len(b.added)), str(len(b.removed)), str(len(b.skipped)),
+        t.add_row(b.repo, b.branch, b.status, str(len(b.added)), str(len(b.removed)), str(len(b.skipped)),
                   _size(b.bytes), (b.commit or "-")[:12])
     out.print(t)
+    for variant, why in ([] if dry_run else report.not_ready):  # a dry run lists them already
+        err.print(f"[yellow]not published:[/yellow] {variant}: {why}", highlight=False)
+    for note in report.notes:
+        err.print(f"note: {note}", highlight=False, markup=False)
 
 
 @app.command()
@@ -286,7 +298,9 @@ def _batch_one(recipe: Path, out_dir: Path, do_publish: bool) -> str:
         if res.failed:
             return "failed: " + "; ".join(f"{k}: {v}" for k, v in res.failed.items())
         if do_publish:
-            _print_publish(_publish_one(recipe, out_dir / name, None, False), False)
+            report = _publish_one(recipe, out_dir / name, None, False)
+            _print_publish(report, False)
+            report.raise_for_errors()
         return "ok"
     except QuantkitError as e:
         err.print(f"[red]error:[/red] {recipe}: {e}", highlight=False)

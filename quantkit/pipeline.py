@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from . import __version__
 from .calibration import CalibrationSet, build_calibration, language_warning
 from .engines import ENGINES
 from .engines.base import Artifact, BuildContext, SourceModel, bits_per_weight, file_entries
@@ -188,7 +189,8 @@ def build(plan: Plan, *, only: list[str] | None = None, report: Reporter = _quie
     manifest = load_manifest(plan.out_dir) or Manifest(recipe_sha256(plan.recipe), {})
     manifest = replace(manifest, recipe_sha256=recipe_sha256(plan.recipe), calibration=_calib_info(inputs.calib),
                        source={"id": inputs.source.id, "revision": inputs.source.revision,
-                               "fingerprint": inputs.source.fingerprint, "n_params": inputs.source.n_params})
+                               "fingerprint": inputs.source.fingerprint, "n_params": inputs.source.n_params,
+                               "architecture": inputs.source.architecture, "quantkit_version": __version__})
     save_manifest(plan.out_dir, manifest)
     built, skipped, failed = [], [], {}
     for v in variants:

@@ -14,6 +14,8 @@ from pathlib import Path
 from typer.testing import CliRunner
 
 from quantkit.cli import app
+from _hub_fixtures import hub  # noqa: F401 - the local Hub server fixture
+
 from quantkit.manifest import load_manifest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -126,3 +128,25 @@ def test_only_selects_variants_and_rejects_unknown(tiny_llama: Path, tmp_path: P
     recipe = _recipe(tmp_path, tiny_llama, THREE_GPTQ)
     res = CliRunner().invoke(app, ["build", str(recipe), "--out", str(tmp_path / "b"), "--only", "nope"])
     assert res.exit_code == 2 and "--only: no variant named 'nope'" in res.stderr
+
+
+def test_build_then_publish_then_republish_nothing(tiny_llama: Path, tmp_path: Path, hub) -> None:
+    """The real pipeline's output goes to the (local) Hub; a re-run commits and uploads nothing."""
+    recipe = _recipe(tmp_path, tiny_llama, '[[variants]]\nformat = "gptq"\nbits = [4, 8]\ngroup_size = 32\n')
+    out = tmp_path / "build"
+    runner = CliRunner()
+    assert runner.invoke(app, ["build", str(recipe), "--out", str(out)], env=_env()).exit_code == 0
+    dry = runner.invoke(app, ["publish", str(recipe), "--out", str(out), "--dry-run"])
+    assert dry.exit_code == 0, dry.output
+    assert "model.safetensors" in dry.stdout and not hub.requests("POST", "/commit/")
+    first = runner.invoke(app, ["publish", str(recipe), "--out", str(out)])
+    assert first.exit_code == 0, first.output
+    assert len(hub.requests("POST", "/commit/")) == 2
+    m = load_manifest(out)
+    assert all(r.state == "published" and r.published["commit"] for r in m.variants.values())
+    n = len(hub.requests())
+    again = runner.invoke(app, ["publish", str(recipe), "--out", str(out)])
+    assert again.exit_code == 0, again.output
+    assert len(hub.requests("POST", "/commit/")) == 2  # no new commit
+    assert len(hub.requests()) - n <= 3 * 2  # at most 3 requests per branch
+    assert "unchanged" in again.stdout
