@@ -12,11 +12,13 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -57,7 +59,7 @@ def _fail(e: QuantkitError) -> typer.Exit:
     if isinstance(e, BuildFailed):
         lines = [f"{name} failed: {why}" for name, why in e.failures.items()]
     for line in lines:
-        err.print(f"[red]error:[/red] {line}", markup=True, highlight=False, soft_wrap=True)
+        err.print(f"[red]error:[/red] {escape(line)}", highlight=False, soft_wrap=True)
     return typer.Exit(code)
 
 
@@ -123,7 +125,7 @@ class _Progress:
         if ev.kind == "stage":
             self.p.console.print(f"[bold]•[/bold] {ev.task}")
         elif ev.kind == "warn":
-            self.p.console.print(f"[yellow]warning:[/yellow] {ev.message}", highlight=False)
+            self.p.console.print(f"[yellow]warning:[/yellow] {escape(ev.message)}", highlight=False)
         elif ev.kind == "start":
             self.p.console.print(f"[bold cyan]▶ {ev.variant}[/bold cyan] {ev.message}")
         elif ev.kind == "task":
@@ -134,7 +136,7 @@ class _Progress:
             self.p.console.print(f"[green]{mark} {ev.variant}[/green] {ev.message}")
         elif ev.kind == "fail":
             self._close(ev.variant)
-            self.p.console.print(f"[red]✗ {ev.variant}[/red] {ev.message}", highlight=False)
+            self.p.console.print(f"[red]✗ {ev.variant}[/red] {escape(ev.message)}", highlight=False)
 
     def _task(self, ev) -> None:
         key = (ev.variant, ev.task)
@@ -303,7 +305,7 @@ def _batch_one(recipe: Path, out_dir: Path, do_publish: bool) -> str:
             report.raise_for_errors()
         return "ok"
     except QuantkitError as e:
-        err.print(f"[red]error:[/red] {recipe}: {e}", highlight=False)
+        err.print(f"[red]error:[/red] {escape(f'{recipe}: {e}')}", highlight=False)
         return f"failed: {e}"
 
 
@@ -371,6 +373,7 @@ def doctor() -> None:
     """Python, torch, GPU, engines and toolchains found here, with versions."""
     from .engines import ENGINES
 
+    _quiet_libraries()
     t = Table(title="quantkit doctor")
     t.add_column("component")
     t.add_column("status")
@@ -381,7 +384,7 @@ def doctor() -> None:
         try:
             t.add_row(f"engine {fmt}", f"[green]{engine.version()}[/green]")
         except QuantkitError as e:
-            t.add_row(f"engine {fmt}", f"[yellow]unavailable[/yellow]: {e}")
+            t.add_row(f"engine {fmt}", f"[yellow]unavailable[/yellow]: {escape(str(e))}")
     for k, v in _toolchain_rows():
         t.add_row(k, v)
     out.print(t)
@@ -398,12 +401,38 @@ def _torch_status() -> str:
 
 
 def _toolchain_rows() -> list[tuple[str, str]]:
-    try:
-        from .engines import llamacpp
+    from .engines import llamacpp
 
-        return llamacpp.doctor_rows()
-    except QuantkitError as e:
-        return [("llama.cpp", str(e))]
+    rows = []
+    for r in llamacpp.doctor():
+        mark = "[green]ok[/green]" if r.ok else "[yellow]missing[/yellow]"
+        where = f" ({r.source})" if r.source else ""
+        rows.append((f"llama.cpp {r.part}", f"{mark} {escape(r.detail + where)}"))
+    return rows
+
+
+@app.command()
+def toolchain(bindings: Annotated[bool, typer.Option(help="Also build and install llama-cpp-python.")] = True) -> None:
+    """Build (or restore from the cache) the pinned llama.cpp tools and Python bindings."""
+    from .engines import llamacpp
+
+    with _progress() as rep:
+        def progress(task: str, done: int, total: int | None) -> None:
+            rep(_TaskEvent("task", "llama.cpp", task, done, total))
+
+        report = _run(lambda: llamacpp.build_toolchain(progress, bindings=bindings))
+    for step, state in report.steps.items():
+        out.print(f"{step:8} {state:9} {report.seconds[step]:7.1f} s")
+    out.print(f"tools: {report.tools}")
+
+
+@dataclass(frozen=True)
+class _TaskEvent:
+    kind: str
+    variant: str
+    task: str
+    done: int
+    total: int | None
 
 
 def main() -> None:
