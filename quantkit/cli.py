@@ -229,6 +229,44 @@ def build(recipe: RecipeArg, out_dir: OutOpt = None, only: OnlyOpt = None) -> No
         raise _fail(BuildFailed(res.failed))
 
 
+@app.command(name="eval")
+def eval_(recipe: RecipeArg, out_dir: OutOpt = None, only: OnlyOpt = None) -> None:
+    """Evaluate built variants again against the unquantized model (builds nothing)."""
+    from . import pipeline
+
+    def run():
+        _quiet_libraries()
+        p = _plan(recipe, out_dir)
+        with _progress() as rep:
+            return p, pipeline.reevaluate(p, only=only, report=rep)
+
+    p, res = _run(run)
+    out.print(_summary(res.manifest, [v.name for v in p.select(only)]))
+    if res.failed:
+        raise _fail(BuildFailed(res.failed))
+
+
+@app.command()
+def card(recipe: RecipeArg, out_dir: OutOpt = None) -> None:
+    """Write the model cards (README.md per variant) again from the manifest."""
+    from . import card as cards
+    from .manifest import load_manifest, save_manifest
+
+    def run():
+        p = _plan(recipe, out_dir)
+        m = load_manifest(p.out_dir)
+        if m is None:
+            raise ManifestError(str(p.out_dir / "manifest.json"), "not built yet: run `quantkit build` first")
+        m = cards.write_cards(p, m, p.out_dir)
+        save_manifest(p.out_dir, m)
+        return p, m
+
+    p, m = _run(run)
+    for name, rec in m.variants.items():
+        if (p.out_dir / name / "README.md").is_file():
+            out.print(f"{p.out_dir / name / 'README.md'} ({rec.state})")
+
+
 # ---------------------------------------------------------------- publish and batch
 
 

@@ -21,7 +21,7 @@ from . import __version__
 from .calibration import CalibrationSet, build_calibration, language_warning
 from .engines import ENGINES
 from .engines.base import Artifact, BuildContext, SourceModel, bits_per_weight, file_entries
-from .errors import EngineError, QuantkitError, SourceError
+from .errors import EngineError, ManifestError, QuantkitError, SourceError
 from .evaluate import EvalSet, Quality, Reference, compute_reference, hf_logits, make_eval_set, score
 from .manifest import Manifest, VariantRecord, load_manifest, save_manifest
 from .plan import Plan, Variant, cache_key
@@ -205,6 +205,31 @@ def build(plan: Plan, *, only: list[str] | None = None, report: Reporter = _quie
             report(Event("fail", v.name, message=reason))
     manifest = _cards(plan, manifest, report)
     return BuildResult(manifest, tuple(built), tuple(skipped), failed)
+
+
+def reevaluate(plan: Plan, *, only: list[str] | None = None, report: Reporter = _quiet) -> BuildResult:
+    """Score built variants again (e.g. after changing [evaluation]); builds nothing."""
+    inputs = prepare(plan, report)
+    manifest = load_manifest(plan.out_dir)
+    if manifest is None:
+        raise ManifestError(str(plan.out_dir / "manifest.json"), "not built yet: run `quantkit build` first")
+    done, failed = [], {}
+    for v in plan.select(only):
+        rec = manifest.variants.get(v.name)
+        if rec is None or not rec.at_least("built"):
+            continue
+        try:
+            q = _evaluate(v, inputs, ENGINES[v.format], plan.variant_dir(v))
+        except (QuantkitError, MemoryError, RuntimeError, OSError, ValueError) as e:
+            failed[v.name] = _reason(e)
+            report(Event("fail", v.name, message=failed[v.name]))
+            continue
+        state = rec.state if rec.at_least("evaluated") else "evaluated"
+        manifest = manifest.with_variant(v.name, replace(rec, state=state, quality=_rounded(q)))
+        save_manifest(plan.out_dir, manifest)
+        report(Event("done", v.name, message=f"ΔPPL {q.delta_ppl_pct:+.2f} %, KLD {q.kld:.4f}"))
+        done.append(v.name)
+    return BuildResult(_cards(plan, manifest, report), tuple(done), (), failed)
 
 
 def _reason(e: BaseException) -> str:

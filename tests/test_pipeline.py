@@ -150,3 +150,19 @@ def test_build_then_publish_then_republish_nothing(tiny_llama: Path, tmp_path: P
     assert len(hub.requests("POST", "/commit/")) == 2  # no new commit
     assert len(hub.requests()) - n <= 3 * 2  # at most 3 requests per branch
     assert "unchanged" in again.stdout
+
+
+def test_eval_and_card_commands_reuse_the_build(tiny_llama: Path, tmp_path: Path) -> None:
+    recipe = _recipe(tmp_path, tiny_llama, '[[variants]]\nformat = "gptq"\nbits = 8\ngroup_size = 32\n')
+    out = tmp_path / "build"
+    runner = CliRunner()
+    assert runner.invoke(app, ["card", str(recipe), "--out", str(out)]).exit_code == 1  # nothing built
+    assert runner.invoke(app, ["build", str(recipe), "--out", str(out)], env=_env()).exit_code == 0
+    name = "gptq-8bit-32g-actorder_True"
+    q = load_manifest(out).variants[name].quality
+    (out / name / "README.md").unlink()
+    res = runner.invoke(app, ["card", str(recipe), "--out", str(out)])
+    assert res.exit_code == 0 and (out / name / "README.md").is_file()
+    res = runner.invoke(app, ["eval", str(recipe), "--out", str(out)], env=_env())
+    assert res.exit_code == 0, res.output
+    assert load_manifest(out).variants[name].quality == q  # deterministic: same numbers again
