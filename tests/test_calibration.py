@@ -205,3 +205,14 @@ def test_shipped_sample_reads_as_german() -> None:
 
     items, _ = load_items(None, "train")
     assert german_share(it.context for it in items) > 0.2
+
+
+def test_exports_for_every_engine(tiny_llama: Path, tmp_path: Path) -> None:
+    """The same set as GPTQModel examples, llama-imatrix text and exllamav2 parquet."""
+    c = build_calibration(_recipe(tiny_llama), _tok(tiny_llama))
+    ex = c.examples()
+    assert len(ex) == 8 and ex[0]["input_ids"] == c.windows[0].tolist() and all(ex[0]["attention_mask"])
+    text = c.write_text(tmp_path / "calib.txt").read_text(encoding="utf-8")
+    assert all(t in text for t in c.texts)
+    table = pq.read_table(c.write_parquet(tmp_path / "calib.parquet"))
+    assert table.column_names == ["text"] and table.column("text").to_pylist() == list(c.texts)

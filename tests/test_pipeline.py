@@ -166,3 +166,20 @@ def test_eval_and_card_commands_reuse_the_build(tiny_llama: Path, tmp_path: Path
     res = runner.invoke(app, ["eval", str(recipe), "--out", str(out)], env=_env())
     assert res.exit_code == 0, res.output
     assert load_manifest(out).variants[name].quality == q  # deterministic: same numbers again
+
+
+def test_batch_goes_on_past_a_bad_recipe(tiny_llama: Path, tmp_path: Path) -> None:
+    good = _recipe(tmp_path, tiny_llama, '[[variants]]\nformat = "gptq"\nbits = 8\ngroup_size = 32\n')
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[model]\nsource = "a/b"\n[[variants]]\nformat = "gptq"\nbits = 5\n')
+    res = CliRunner().invoke(app, ["batch", str(bad), str(good), "--out", str(tmp_path / "out")], env=_env())
+    assert res.exit_code == 1
+    assert "bad.toml" in res.stdout and "failed" in res.stdout and " ok " in res.stdout
+    assert (tmp_path / "out" / "tiny" / "manifest.json").is_file()
+
+
+def test_doctor_lists_engines() -> None:
+    res = CliRunner().invoke(app, ["doctor"])
+    assert res.exit_code == 0
+    for part in ("torch", "engine gptq", "engine gguf", "engine exl2", "llama.cpp"):
+        assert part in res.stdout
