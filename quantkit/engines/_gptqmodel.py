@@ -1,0 +1,399 @@
+"""What the GPTQ and AWQ engines share: GPTQModel set-up, one quantize call with per-layer
+progress, an output folder that holds what users download and nothing else, and the
+reload through transformers that evaluation uses.
+
+GPTQModel writes its own progress bars and log lines to stdout; they go to a log file in
+the build's work_dir instead, so the CLI's progress display stays readable.
+
+On CPU GPTQModel computes in bf16 (bf16 sources) or fp32, never fp16, whose CPU matmuls are
+slow; the saved checkpoint is fp16 either way, the same as one made on a GPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import functools
+import json
+import os
+import shutil
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import EngineError, EngineUnavailable
+from .base import WEIGHT_SUFFIXES, LogitsFn, ProgressFn
+
+GPTQ_EXTRA = "pip install 'quantkit-workbench[gptq]'"
+# What the checkpoint holds besides the packed weights (embeddings, norms, scales): fp16,
+# as AutoGPTQ wrote it and as the fp16-only GPTQ/AWQ kernels (vLLM's, ExLlama) expect.
+SAVE_DTYPE = "float16"
+
+# Files of the engine's output folder that we keep; tokenizer, generation config and the
+# rest come from the source itself (GPTQModel rewrites tokenizer_config.json, drops
+# tokenizer.model and turns on do_sample in generation_config.json).
+ENGINE_FILES = ("config.json", "quantize_config.json")
+ENGINE_SUFFIXES = (".safetensors", ".safetensors.index.json")
+# Source files that are not copied: weights (the quantized ones replace them), configs the
+# engine wrote, the model card (card.py writes one per variant), git metadata.
+SKIP_SOURCE = {"config.json", "quantize_config.json", "quant_config.json", "README.md", "readme.md"}
+SKIP_SOURCE_SUFFIXES = (*WEIGHT_SUFFIXES, ".pth", ".ckpt", ".h5", ".msgpack", ".onnx", ".npz",
+                        ".index.json")
+# quantization_config.meta keys that hold machine-local paths: not for publishing.
+LOCAL_META_KEYS = ("offload_to_disk_path",)
+
+
+# ---------------------------------------------------------------- environment
+
+
+def cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - macOS, Windows
+        return os.cpu_count() or 1
+
+
+def prepare_env() -> None:
+    """GPTQModel sizes its CPU pools from this; on 2 cores its own default fails."""
+    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(cpu_count()))
+
+
+@functools.lru_cache(maxsize=1)
+def gptqmodel_version() -> str:
+    """'gptqmodel 7.6.0'; EngineUnavailable when it (or torch, optimum) cannot be imported."""
+    prepare_env()
+    try:
+        with contextlib.redirect_stdout(_Sink()):  # the import prints a banner
+            import gptqmodel
+            import optimum  # noqa: F401 - transformers needs it to load GPTQ checkpoints
+    except Exception as e:  # noqa: BLE001 - a broken install fails in many ways
+        raise EngineUnavailable("gptqmodel", f"cannot import GPTQModel ({type(e).__name__}: {e}); "
+                                f"install it with {GPTQ_EXTRA}") from None
+    return f"gptqmodel {gptqmodel.__version__}"
+
+
+class _Sink:
+    """A write-only text stream; writes after close are dropped (GPTQModel's render thread)."""
+
+    _logbar_queue_wrapped = True  # logbar writes to it as it is, without its own queue
+
+    def __init__(self, path: Path | None = None):
+        self._f = open(path, "a", encoding="utf-8", errors="replace") if path else None  # noqa: SIM115
+
+    def write(self, s: str) -> int:
+        f = self._f
+        if f is not None and not f.closed:
+            f.write(s)
+        return len(s)
+
+    def flush(self) -> None:
+        if self._f is not None and not self._f.closed:
+            self._f.flush()
+
+    def isatty(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        if self._f is not None:
+            self._f.close()
+
+
+@contextmanager
+def engine_output(log_path: Path | None) -> Iterator[None]:
+    """Send what GPTQModel prints to stdout into log_path (appended)."""
+    if log_path is not None:
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+    sink = _Sink(log_path)
+    try:
+        with contextlib.redirect_stdout(sink):  # type: ignore[type-var]
+            yield
+    finally:
+        sink.close()
+
+
+def device_of(ctx_device: str) -> str:
+    return "cuda" if ctx_device == "cuda" else "cpu"
+
+
+def source_dtype(source: Path) -> str:
+    try:
+        cfg = json.loads((source / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return ""
+    cfg = cfg.get("text_config", cfg) if "dtype" not in cfg and "torch_dtype" not in cfg else cfg
+    return str(cfg.get("dtype") or cfg.get("torch_dtype") or "")
+
+
+def compute_dtype(source: Path, device: str) -> str:
+    """The dtype GPTQModel quantizes in. fp16 on CUDA. On CPU fp16 matmuls have no fast
+    kernels (about 40x slower than bf16 on an AVX512-BF16 CPU, measured): bf16 for bf16
+    checkpoints (their exact weights), fp32 for the rest (no rounding to bf16 first)."""
+    if device == "cuda":
+        return "float16"
+    return "bfloat16" if source_dtype(source) == "bfloat16" else "float32"
+
+
+# ---------------------------------------------------------------- calibration
+
+
+def calibration_examples(windows: np.ndarray, seq_len: int | None = None) -> list[dict[str, list[int]]]:
+    """Token windows as GPTQModel examples, cut to seq_len tokens when that is shorter."""
+    rows = windows[:, :seq_len] if seq_len else windows
+    return [{"input_ids": r.tolist(), "attention_mask": [1] * len(r)} for r in rows]
+
+
+def calibration_notes(examples: list[dict[str, list[int]]]) -> dict[str, Any]:
+    n = len(examples)
+    seq = len(examples[0]["input_ids"]) if n else 0
+    return {"calibration_samples": n, "calibration_seq_len": seq, "calibration_tokens": n * seq}
+
+
+# ---------------------------------------------------------------- quantize
+
+
+@dataclass(frozen=True)
+class QuantJob:
+    """One GPTQModel run: load the source with a quantize config, quantize, save."""
+
+    engine: str  # "gptq" / "awq": for error messages
+    source: Path
+    config_cls: str  # name in gptqmodel.quantization: "GPTQConfig", "AWQConfig", "RTNConfig"
+    config: dict[str, Any]  # its keyword arguments
+    examples: list[dict[str, list[int]]] | None  # None for RTN (no calibration)
+    device: str  # "cuda" or "cpu"
+    backend: str = "AUTO"  # gptqmodel.BACKEND member name
+    batch_size: int = 4
+    dtype: str = ""  # compute dtype; "" = compute_dtype(source, device)
+
+
+class _LayerProgress:
+    """GPTQModel's layer-complete hook -> ProgressFn("quantize layers", done, total)."""
+
+    def __init__(self, report: ProgressFn, total: int | None):
+        self.report, self.total, self.done = report, total, 0
+
+    def __call__(self, layer_idx: int, submodule_finalized: bool) -> None:
+        if not submodule_finalized:  # the second call per layer comes from a finalizer thread
+            self.done += 1
+            self.report("quantize layers", self.done, self.total)
+
+
+def _reporter(progress: ProgressFn, stdout: Any) -> ProgressFn:
+    """Progress drawn on the real stdout, never into the engine log; never raises."""
+
+    def report(task: str, done: int, total: int | None) -> None:
+        try:
+            with contextlib.redirect_stdout(stdout):
+                progress(task, done, total)
+        except Exception:  # noqa: BLE001 - a drawing problem must not stop quantization
+            pass
+
+    return report
+
+
+def run(job: QuantJob, out_dir: Path, progress: ProgressFn, log_path: Path | None,
+        offload_dir: Path | None = None) -> None:
+    """Quantize and save into out_dir; any engine failure becomes an EngineError."""
+    prepare_env()
+    gptqmodel_version()
+    import gptqmodel.quantization as gq
+    import torch
+    from gptqmodel import BACKEND, GPTQModel
+
+    kwargs = dict(job.config)
+    if offload_dir is not None:  # GPTQModel's default is a fresh folder under /tmp
+        shutil.rmtree(offload_dir, ignore_errors=True)  # left over by a killed run
+        kwargs["offload_to_disk_path"] = str(offload_dir)
+    report = _reporter(progress, sys.stdout)
+    report("load source", 0, None)
+    model = None
+    try:
+        with engine_output(log_path):
+            qcfg = getattr(gq, job.config_cls)(**kwargs)
+            model = GPTQModel.load(str(job.source), qcfg, device=job.device,
+                                   dtype=getattr(torch, job.dtype or compute_dtype(job.source, job.device)))
+            total = _n_layers(model)
+            model.layer_callback = _LayerProgress(report, total)
+            report("quantize layers", 0, total)
+            model.quantize(job.examples, batch_size=job.batch_size, backend=BACKEND[job.backend])
+            report("save", 0, None)
+            model.save(str(out_dir))
+    except MemoryError:
+        raise
+    except Exception as e:  # noqa: BLE001 - GPTQModel raises anything from anywhere
+        where = f" (GPTQModel log: {log_path})" if log_path else ""
+        raise EngineError(job.engine, f"GPTQModel failed: {type(e).__name__}: {e}{where}") from e
+    finally:
+        if offload_dir is not None:
+            shutil.rmtree(offload_dir, ignore_errors=True)
+        model = None  # free the weights before the caller reloads anything
+        if job.device == "cuda":
+            torch.cuda.empty_cache()
+
+
+def _n_layers(model: Any) -> int | None:
+    cfg = getattr(getattr(model, "model", None), "config", None)
+    cfg = getattr(cfg, "text_config", None) or cfg
+    return getattr(cfg, "num_hidden_layers", None)
+
+
+# ---------------------------------------------------------------- output folder
+
+
+def finish_folder(out_dir: Path, source: Path, *, log_dir: Path | None = None,
+                  log_name: str = "quant_log.csv") -> dict[str, Any]:
+    """Keep the engine's weights and configs, copy the source's tokenizer and side files,
+    drop machine-local paths from the quantization config, store floats as fp16.
+    Returns notes from GPTQModel's per-module log."""
+    notes: dict[str, Any] = {}
+    for p in sorted(out_dir.iterdir()):
+        if p.name == "quant_log.csv":
+            notes.update(_log_notes(p))
+            if log_dir is not None:
+                log_dir.mkdir(parents=True, exist_ok=True)
+                shutil.move(str(p), log_dir / log_name)
+        if p.exists() and not (p.name in ENGINE_FILES or p.name.endswith(ENGINE_SUFFIXES)):
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+    for p in sorted(source.iterdir()):
+        if p.is_file() and not p.name.startswith(".") and p.name not in SKIP_SOURCE \
+                and not p.name.endswith(SKIP_SOURCE_SUFFIXES):
+            shutil.copy2(p, out_dir / p.name)
+    for name in ENGINE_FILES:
+        _scrub_local_paths(out_dir / name)
+    to_save_dtype(out_dir)
+    return notes
+
+
+def to_save_dtype(folder: Path) -> None:
+    """Cast the float tensors GPTQModel saved in its compute dtype (bf16/fp32 on CPU) to
+    fp16, shard by shard, and say so in config.json. Packed integer tensors stay as they are."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    want = getattr(torch, SAVE_DTYPE)
+    sizes: dict[str, int] = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as sf:
+            meta = sf.metadata()
+            tensors = {k: sf.get_tensor(k) for k in sf.keys()}
+        cast = {k: t.to(want) if t.is_floating_point() and t.dtype != want else t for k, t in tensors.items()}
+        if any(cast[k] is not tensors[k] for k in tensors):
+            save_file(cast, str(f), metadata=meta)
+        sizes[f.name] = sum(t.numel() * t.element_size() for t in cast.values())
+        del tensors, cast
+    cfg = _read_json(folder / "config.json")
+    cfg.update({k: SAVE_DTYPE for k in ("dtype", "torch_dtype") if k in cfg or k == "dtype"})
+    _write_json(folder / "config.json", cfg)
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        doc = _read_json(index)
+        doc.setdefault("metadata", {})["total_size"] = sum(sizes.values())
+        _write_json(index, doc)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _write_json(path: Path, doc: dict[str, Any]) -> None:
+    path.write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def _scrub_local_paths(path: Path) -> None:
+    if not path.is_file():
+        return
+    doc = _read_json(path)
+    qc = doc.get("quantization_config", doc)
+    meta = qc.get("meta") if isinstance(qc, dict) else None
+    if isinstance(meta, dict) and any(k in meta for k in LOCAL_META_KEYS):
+        for k in LOCAL_META_KEYS:
+            meta.pop(k, None)
+        _write_json(path, doc)
+
+
+def _log_notes(path: Path) -> dict[str, Any]:
+    """GPTQModel's per-module log: mean loss and the largest damping it had to use."""
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+    except (OSError, ValueError, csv.Error):
+        return {}
+    out: dict[str, Any] = {"quantized_modules": len(rows)}
+    if losses := _floats(rows, "loss"):
+        out["mean_module_loss"] = float(np.mean(losses))
+    if damps := _floats(rows, "damp"):
+        out["max_damp_percent"] = max(damps)
+    return out
+
+
+def _floats(rows: list[dict[str, str]], key: str) -> list[float]:
+    """The numeric values of a column ("not applicable" and blanks skipped)."""
+    out = []
+    for r in rows:
+        try:
+            out.append(float(r.get(key) or "nan"))
+        except ValueError:
+            continue
+    return [x for x in out if x == x]
+
+
+def read_quant_config(folder: Path) -> dict[str, Any]:
+    """config.json's quantization_config (what transformers reads)."""
+    try:
+        cfg = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise EngineError("gptqmodel", f"no readable config.json in the output: {e}") from None
+    return cfg.get("quantization_config") or {}
+
+
+def check_output(engine: str, folder: Path, expect: dict[str, Any]) -> None:
+    """The saved folder is what transformers and the runtimes expect, or an EngineError."""
+    qc = read_quant_config(folder)
+    bad = {k: qc.get(k) for k, v in expect.items() if qc.get(k) != v}
+    if bad:
+        raise EngineError(engine, f"config.json quantization_config has {bad}, expected "
+                          f"{ {k: expect[k] for k in bad} }")
+    if not any(p.suffix == ".safetensors" for p in folder.iterdir()):
+        raise EngineError(engine, "no .safetensors weights written")
+    stray = [p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth")]
+    if stray:
+        raise EngineError(engine, f"pickle weight files written: {', '.join(stray)}")
+
+
+# ---------------------------------------------------------------- reload
+
+
+@contextmanager
+def open_quantized(folder: Path, device: str, log_path: Path | None = None) -> Iterator[LogitsFn]:
+    """Load through transformers.AutoModelForCausalLM, as users do, and yield logits.
+
+    CPU: float32 (the reference is float32 there too); CUDA: float16 on the GPU.
+    """
+    prepare_env()
+    gptqmodel_version()
+    from ..evaluate import hf_logits  # evaluate imports engines.base: import late
+
+    if device == "cuda":
+        cm = hf_logits(folder, dtype="float16", device_map={"": "cuda:0"})
+    else:
+        cm = hf_logits(folder, dtype="float32", device="cpu")
+    with contextlib.ExitStack() as stack:
+        with engine_output(log_path):
+            fn = stack.enter_context(cm)
+        yield fn
+
+
+def is_installed(module: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+

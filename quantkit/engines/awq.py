@@ -1,0 +1,104 @@
+"""AWQ through GPTQModel: GEMM layout with zero points (`quant_method: awq`, `version: gemm`),
+what AutoAWQ wrote and what transformers, vLLM and TGI load. On CPU the scale search runs
+on GPTQModel's torch kernel (`BACKEND.AWQ_TORCH`): about 2 minutes per layer of a small
+model on 2 cores, so AWQ is the slowest CPU format by far.
+
+`engine = "autoawq"` in a recipe uses AutoAWQ 0.2.9 (archived) instead, where installed.
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..errors import EngineError, EngineUnavailable
+from . import _gptqmodel as gm
+from .base import BuildContext, LogitsFn
+
+if TYPE_CHECKING:
+    from ..plan import Variant
+    from ..recipe import AWQParams
+
+AUTOAWQ_EXTRA = "pip install 'quantkit-workbench[autoawq]'"
+AUTOAWQ_PARALLEL_SAMPLES = 8  # AutoAWQ runs all samples at once by default: a memory spike
+
+
+class AWQEngine:
+    name = "awq"
+
+    def version(self) -> str:
+        return gm.gptqmodel_version()
+
+    def build(self, variant: Variant, ctx: BuildContext, out_dir: Path) -> dict[str, Any]:
+        p: AWQParams = variant.params  # type: ignore[assignment]
+        examples = gm.calibration_examples(ctx.calib.windows)
+        device = gm.device_of(ctx.device)
+        if p.engine == "autoawq":
+            quantizer = _build_autoawq(variant, ctx, out_dir, examples)
+        else:
+            quantizer = self.version()
+            # AwqTorchLinear packs only fp16/bf16 (fp32 kills GPTQModel's finalizer thread and
+            # with it the process); fp16 matmuls are slow on CPUs: bf16 there.
+            job = gm.QuantJob(self.name, ctx.source.path, "AWQConfig", awq_config(p), examples, device,
+                              backend="AWQ_TORCH" if device == "cpu" else "AUTO",
+                              dtype="bfloat16" if device == "cpu" else "float16")
+            gm.run(job, out_dir, ctx.progress, ctx.work_dir / f"{variant.name}.gptqmodel.log",
+                   offload_dir=ctx.work_dir / f"{variant.name}.offload")
+        notes = gm.finish_folder(out_dir, ctx.source.path, log_dir=ctx.work_dir,
+                                 log_name=f"{variant.name}.quant_log.csv")
+        gm.check_output(self.name, out_dir, expected_config(p))
+        return {"quantizer": quantizer, "device": device, **gm.calibration_notes(examples), **notes}
+
+    def open_model(self, folder: Path, ctx: BuildContext) -> AbstractContextManager[LogitsFn]:
+        return gm.open_quantized(folder, gm.device_of(ctx.device),
+                                 ctx.work_dir / f"{folder.name}.gptqmodel.log")
+
+
+def expected_config(p: AWQParams) -> dict[str, Any]:
+    return {"quant_method": "awq", "version": "gemm", "bits": p.bits, "group_size": p.group_size,
+            "zero_point": p.zero_point}
+
+
+def awq_config(p: AWQParams) -> dict[str, Any]:
+    """AWQConfig arguments: zero point is asymmetric quantization (sym=False)."""
+    return {"bits": p.bits, "group_size": p.group_size, "sym": not p.zero_point, "format": "gemm"}
+
+
+# ---------------------------------------------------------------- optional: AutoAWQ
+
+
+def _build_autoawq(variant: Variant, ctx: BuildContext, out_dir: Path,
+                   examples: list[dict[str, list[int]]]) -> str:
+    """AutoAWQ 0.2.9 on the same token windows. Returns its version."""
+    p: AWQParams = variant.params  # type: ignore[assignment]
+    try:
+        import awq
+        from awq import AutoAWQForCausalLM
+    except Exception as e:  # noqa: BLE001 - not installed or broken against this transformers
+        raise EngineUnavailable(AWQEngine.name, f'engine = "autoawq" needs AutoAWQ, which cannot be '
+                                f"imported here ({type(e).__name__}: {e}). Install it with "
+                                f'{AUTOAWQ_EXTRA}, or use engine = "gptqmodel", the default.',
+                                variant.name) from None
+    import torch
+    from transformers import AutoTokenizer
+
+    src = str(ctx.source.path)
+    qc = {"zero_point": p.zero_point, "q_group_size": p.group_size, "w_bit": p.bits, "version": "GEMM"}
+    ctx.progress("quantize", 0, None)
+    try:
+        with gm.engine_output(ctx.work_dir / f"{variant.name}.autoawq.log"):
+            model = AutoAWQForCausalLM.from_pretrained(src, torch_dtype=torch.float16, safetensors=True)
+            # Windows are passed as token lists: AutoAWQ concatenates and re-cuts them into
+            # blocks of max_calib_seq_len, which gives back exactly these windows.
+            model.quantize(AutoTokenizer.from_pretrained(src), quant_config=qc,
+                           calib_data=[e["input_ids"] for e in examples],
+                           max_calib_samples=len(examples),
+                           max_calib_seq_len=len(examples[0]["input_ids"]),
+                           n_parallel_calib_samples=AUTOAWQ_PARALLEL_SAMPLES)
+            model.save_quantized(str(out_dir), safetensors=True)
+    except MemoryError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise EngineError(AWQEngine.name, f"AutoAWQ failed: {type(e).__name__}: {e}", variant.name) from e
+    return f"autoawq {awq.__version__}"

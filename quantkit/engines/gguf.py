@@ -1,0 +1,561 @@
+"""GGUF through llama.cpp: convert the source once to a 16-bit GGUF, compute the importance
+matrix once from the calibration text, quantize every requested type from that one file,
+read each output back before it counts, and evaluate through the Python bindings.
+
+The 16-bit GGUF and the imatrix live in the build's work_dir, keyed by everything that
+changes them (source fingerprint, llama.cpp version, calibration hash), so the variants of
+one build share them and a different source or calibration never reuses them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import mmap
+import os
+import re
+import shutil
+import struct
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ..errors import EngineError, EngineUnavailable
+from ..recipe import GGUF_TYPES
+from . import llamacpp
+from .base import BuildContext, LogitsFn
+
+if TYPE_CHECKING:
+    from ..plan import Variant
+
+FLOAT_TYPES = ("F32", "F16", "BF16")  # written by llama-quantize as a plain conversion
+NO_IMATRIX_USE = (*FLOAT_TYPES, "Q8_0")  # llama.cpp ignores an imatrix for these: do not claim one
+IMATRIX_CTX = 512  # llama-imatrix's default chunk length; shorter only when the text is short
+MIN_FREE_AFTER_FAIL = 64 << 20  # a failed write with less free than this is a full disk
+MB = 1 << 20
+
+
+@dataclass(frozen=True)
+class Built:
+    """One quantized file, checked; `notes` become card lines."""
+
+    path: Path
+    notes: dict[str, Any]
+
+
+def _key(*parts: object) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def model_name(ctx: BuildContext) -> str:
+    """File and general.name: the recipe's model name when the pipeline passes it."""
+    name = getattr(ctx, "model_name", None) or ctx.source.id.rstrip("/").split("/")[-1]
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-") or "model"
+
+
+def quantized_by(ctx: BuildContext) -> str:
+    return getattr(ctx, "quantized_by", None) or "quantkit"
+
+
+def file_name(ctx: BuildContext, quant: str) -> str:
+    return f"{model_name(ctx)}.{quant}.gguf"
+
+
+def base_type(source: Path) -> str:
+    """BF16 for bf16 checkpoints (lossless), else F16, as llama.cpp's `--outtype auto` picks."""
+    try:
+        cfg = json.loads((source / "config.json").read_text())
+    except (OSError, ValueError):
+        return "F16"
+    dtype = str(cfg.get("dtype") or cfg.get("torch_dtype") or cfg.get("text_config", {}).get("dtype", ""))
+    return "BF16" if "bfloat16" in dtype else "F16"
+
+
+def _free(path: Path) -> int:
+    p = path
+    while not p.exists():
+        p = p.parent
+    return shutil.disk_usage(p).free
+
+
+def _need_space(where: Path, need: int, what: str, variant: str | None) -> None:
+    free = _free(where)
+    if free < need:
+        raise EngineError("gguf", f"disk full: {what} needs about {need // MB} MiB in {where}, "
+                          f"{free // MB} MiB free", variant)
+
+
+def expected_bytes(quant: str, n_params: int) -> int:
+    return int(n_params * GGUF_TYPES[quant][0] / 8 * 1.1) + 16 * MB
+
+
+# ---------------------------------------------------------------- running the tools
+
+
+@dataclass(frozen=True)
+class _Result:
+    returncode: int
+    log: str
+
+
+def _run(cmd: Sequence[str | Path], *, env: dict[str, str] | None = None, cwd: Path | None = None) -> _Result:
+    """Run one llama.cpp program; keep its combined output for error messages."""
+    lines: list[str] = []
+    try:
+        p = subprocess.Popen([str(c) for c in cmd], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True, errors="replace", env=env, cwd=cwd)
+    except OSError as e:
+        raise EngineUnavailable("gguf", f"cannot run {cmd[0]}: {e.strerror}") from None
+    assert p.stdout is not None
+    for line in p.stdout:
+        lines.append(line.rstrip())
+    return _Result(p.wait(), "\n".join(lines[-400:]))
+
+
+# llama.cpp output lines that explain a failure, most specific first.
+_UNSUPPORTED = "llama.cpp's converter does not support architecture {0}"
+_FAILURE_PATTERNS = (
+    (re.compile(r"Model (\S+) is not supported"), _UNSUPPORTED),
+    (re.compile(r"Architecture '?([^'\s]+)'? not supported"), _UNSUPPORTED),
+    (re.compile(r"BPE pre-tokenizer was not recognized"),
+     "llama.cpp's converter does not know this tokenizer's pre-tokenizer"),
+    (re.compile(r"No space left on device"), "disk full"),
+    (re.compile(r"(?:error|Error|ERROR)[:!] ?(.+)"), "{0}"),
+    (re.compile(r"(\w+Error: .+)"), "{0}"),
+    (re.compile(r"failed to quantize: (.+)"), "{0}"),
+    (re.compile(r"(you need at least \d+ tokens.*)"), "{0}"),
+)
+
+
+def _explain(res: _Result, what: str, out_dir: Path) -> str:
+    """One line for a failed tool run: a known cause, a full disk, or the tool's last error."""
+    for pat, msg in _FAILURE_PATTERNS[:4]:
+        if m := pat.search(res.log):
+            reason = msg.format(*m.groups())
+            return f"{reason} ({what}, free {_free(out_dir) // MB} MiB)" if reason == "disk full" else reason
+    if _free(out_dir) < MIN_FREE_AFTER_FAIL:
+        return f"disk full while {what} in {out_dir} ({_free(out_dir) // MB} MiB free)"
+    for line in reversed(res.log.splitlines()):
+        for pat, msg in _FAILURE_PATTERNS[4:]:
+            if m := pat.search(line):
+                return f"{what} failed: {msg.format(*m.groups()).strip()[:300]}"
+    return f"{what} failed (exit {res.returncode})"
+
+
+# ---------------------------------------------------------------- reading back
+# gguf.GGUFReader parses every vocabulary string into numpy views: 2-4 s per SmolLM2 file
+# here, more than llama-quantize itself. The check reads the same header with struct
+# instead (about 50 ms), using gguf's own type tables; tests compare it with GGUFReader.
+
+_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?",  # GGUFValueType
+            10: "<Q", 11: "<q", 12: "<d"}
+_STRING, _ARRAY = 8, 9
+_SHORT_ARRAY = 64  # arrays up to this length are returned; longer ones (vocab) only skipped
+
+
+def _read_str(mm: Any, off: int) -> tuple[str, int]:
+    (n,) = struct.unpack_from("<Q", mm, off)
+    return bytes(mm[off + 8:off + 8 + n]).decode("utf-8", "replace"), off + 8 + n
+
+
+def _read_value(mm: Any, off: int, vtype: int) -> tuple[Any, int]:
+    if vtype == _STRING:
+        return _read_str(mm, off)
+    if vtype != _ARRAY:
+        fmt = _SCALARS[vtype]
+        return struct.unpack_from(fmt, mm, off)[0], off + struct.calcsize(fmt)
+    itype, n = struct.unpack_from("<IQ", mm, off)
+    off += 12
+    if itype in _SCALARS and n > _SHORT_ARRAY:
+        return None, off + n * struct.calcsize(_SCALARS[itype])
+    items = []
+    for _ in range(n):
+        item, off = _read_value(mm, off, itype)
+        if n <= _SHORT_ARRAY:
+            items.append(item)
+    return (items if n <= _SHORT_ARRAY else None), off
+
+
+def read_header(path: Path) -> dict[str, Any]:
+    """Metadata (long arrays as None), tensor infos and whether the file holds all tensor data."""
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        if mm[:4] != b"GGUF":
+            raise ValueError("no GGUF magic")
+        _version, n_tensors, n_kv = struct.unpack_from("<IQQ", mm, 4)
+        off, kv = 24, {}
+        for _ in range(n_kv):
+            key, off = _read_str(mm, off)
+            (vtype,) = struct.unpack_from("<I", mm, off)
+            kv[key], off = _read_value(mm, off + 4, vtype)
+        tensors = []
+        for _ in range(n_tensors):
+            name, off = _read_str(mm, off)
+            (nd,) = struct.unpack_from("<I", mm, off)
+            dims = struct.unpack_from(f"<{nd}Q", mm, off + 4)
+            ttype, toff = struct.unpack_from("<IQ", mm, off + 4 + 8 * nd)
+            off += 4 + 8 * nd + 12
+            qtype = GGMLQuantizationType(ttype)
+            block, size = GGML_QUANT_SIZES[qtype]
+            tensors.append((name, qtype.name, toff + math.prod(dims) // block * size))
+        align = int(kv.get("general.alignment") or 32)
+        data_start = off + (-off % align)
+        end = data_start + max((t[2] for t in tensors), default=0)
+        return {"kv": kv, "tensors": tensors, "complete": mm.size() >= end}
+
+
+def read_back(path: Path) -> dict[str, Any]:
+    """Architecture, tensor count, file type and tensor types of a written GGUF."""
+    h = read_header(path)
+    kv, types = h["kv"], {}
+    for _, t, _ in h["tensors"]:
+        types[t] = types.get(t, 0) + 1
+    return {"architecture": kv.get("general.architecture"), "tensors": len(h["tensors"]),
+            "file_type": kv.get("general.file_type"), "name": kv.get("general.name"),
+            "quantized_by": kv.get("general.quantized_by"), "tensor_types": types,
+            "imatrix_dataset": kv.get("quantize.imatrix.dataset"),
+            "imatrix_chunks": kv.get("quantize.imatrix.chunks_count"), "complete": h["complete"]}
+
+
+def file_type_of(quant: str) -> int:
+    from gguf import LlamaFileType
+
+    return int(LlamaFileType["ALL_F32" if quant == "F32" else f"MOSTLY_{quant}"])
+
+
+def check(path: Path, quant: str, base: dict[str, Any], variant: str | None = None) -> dict[str, Any]:
+    """A written file counts only if it reads back as the base's model in the requested type."""
+    try:
+        got = read_back(path)
+    except Exception as e:  # noqa: BLE001 - any parse failure means a broken file
+        raise EngineError("gguf", f"{path.name} does not read back as GGUF: {e}", variant) from None
+    want = {"architecture": base["architecture"], "tensors": base["tensors"],
+            "file_type": file_type_of(quant), "complete": True}
+    bad = [f"{k} {got[k]!r} (expected {v!r})" for k, v in want.items() if got[k] != v]
+    if bad:
+        raise EngineError("gguf", f"{path.name} read back wrong: {', '.join(bad)}", variant)
+    return got
+
+
+# ---------------------------------------------------------------- the engine
+
+
+class GGUFEngine:
+    """Engine for `format = "gguf"`; see the module docstring for the flow."""
+
+    name = "gguf"
+
+    def __init__(self, llama_cpp_dir: str | Path | None = None, jobs: int | None = None):
+        self.llama_cpp_dir = llama_cpp_dir  # None: LLAMA_CPP_DIR, PATH, then the cache
+        self.jobs = jobs  # parallel llama-quantize runs in prepare(); None: from cores and RAM
+        self._lock = threading.Lock()
+        self._staged: dict[Path, Built | EngineError] = {}
+        self._base_info: dict[tuple[Path, int], dict[str, Any]] = {}
+        self._failed: dict[Path, EngineError] = {}  # shared inputs that failed in this process
+
+    def toolchain(self) -> llamacpp.Toolchain:
+        return llamacpp.find_toolchain(self.llama_cpp_dir)
+
+    def version(self) -> str:
+        tc = self.toolchain()
+        return f"llama.cpp {tc.version()} / llama-cpp-python {llamacpp.PIN}"
+
+    # -- shared inputs: the 16-bit GGUF and the importance matrix
+
+    def base_gguf(self, ctx: BuildContext, tc: llamacpp.Toolchain | None = None
+                  ) -> tuple[Path, dict[str, Any]]:
+        """Convert the source once per (source, llama.cpp version, name) into work_dir."""
+        tc = tc or self.toolchain()
+        btype = base_type(ctx.source.path)
+        key = _key(ctx.source.fingerprint, tc.version(), btype, model_name(ctx))
+        folder = ctx.work_dir / "gguf" / f"base-{key}"
+        out = folder / file_name(ctx, btype)
+        with self._lock:
+            if not out.is_file():
+                self._once(out, lambda: self._convert(ctx, tc, btype, out))
+            key = (out, out.stat().st_mtime_ns)
+            if key not in self._base_info:
+                self._base_info[key] = read_back(out)
+        return out, self._base_info[key]
+
+    def _convert(self, ctx: BuildContext, tc: llamacpp.Toolchain, btype: str, out: Path) -> None:
+        _need_space(out.parent, expected_bytes(btype, ctx.source.n_params), f"the {btype} GGUF", None)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(".partial")
+        ctx.progress(f"convert to {btype} GGUF", 0, 1)
+        res = _run([sys.executable, tc.converter, ctx.source.path.resolve(),
+                    "--outtype", btype.lower(), "--outfile", tmp.resolve(), "--model-name", model_name(ctx)],
+                   env=tc.converter_env())
+        if res.returncode != 0 or not tmp.is_file():
+            tmp.unlink(missing_ok=True)
+            raise EngineError("gguf", _explain(res, f"converting {ctx.source.id} to GGUF", out.parent))
+        got = read_back(tmp)
+        if not got["tensors"] or not got["architecture"]:
+            raise EngineError("gguf", f"the converter wrote an empty GGUF for {ctx.source.id}")
+        tmp.replace(out)
+        ctx.progress(f"convert to {btype} GGUF", 1, 1)
+
+    def imatrix(self, ctx: BuildContext, tc: llamacpp.Toolchain | None = None) -> tuple[Path, dict[str, Any]]:
+        """Importance matrix from the calibration text, once per (base GGUF, calibration)."""
+        tc = tc or self.toolchain()
+        base, _ = self.base_gguf(ctx, tc)
+        folder = ctx.work_dir / "gguf" / f"imatrix-{_key(base.parent.name, ctx.calib.sha256, IMATRIX_CTX)}"
+        out = folder / f"{model_name(ctx)}.imatrix.gguf"
+        with self._lock:
+            if not out.is_file():
+                self._once(out, lambda: self._compute_imatrix(ctx, tc, base, out))
+        return out, imatrix_info(out)
+
+    def _once(self, out: Path, make: Any) -> None:
+        """Make a shared input; a failure is remembered so the other variants report it at once."""
+        if out in self._failed:
+            raise self._failed[out]
+        try:
+            make()
+        except EngineError as e:
+            self._failed[out] = e
+            raise
+
+    def _compute_imatrix(self, ctx: BuildContext, tc: llamacpp.Toolchain, base: Path, out: Path) -> None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        # Relative names: they end up in the metadata (quantize.imatrix.dataset), not our paths.
+        text = ctx.calib.write_text(out.parent / f"{_slug(ctx.calib.source)}.txt")
+        n_ctx = imatrix_ctx(int(ctx.calib.windows.size))
+        total = max(1, int(ctx.calib.windows.size) // n_ctx)
+        ctx.progress("importance matrix", 0, total)
+        tmp = out.with_name("partial.imatrix.gguf")
+        res = _run([tc.imatrix, "-m", base.resolve(), "-f", text.name, "-o", tmp.name, "-c", str(n_ctx),
+                    "-b", str(n_ctx), "-t", str(llama_threads()), "--no-ppl", "--output-frequency", "1000000",
+                    "-ngl", "0"], cwd=out.parent)
+        if res.returncode != 0 or not tmp.is_file():
+            raise EngineError("gguf", _explain(res, "computing the importance matrix", out.parent))
+        tmp.replace(out)
+        ctx.progress("importance matrix", total, total)
+
+    # -- quantizing
+
+    def quantize(self, variant: Variant, ctx: BuildContext, out_dir: Path, threads: int | None = None,
+                 tc: llamacpp.Toolchain | None = None) -> Built:
+        """One type from the shared 16-bit GGUF into out_dir, read back and checked."""
+        tc = tc or self.toolchain()
+        quant, use_im = _check_params(variant)
+        try:
+            base, base_info = self.base_gguf(ctx, tc)
+            im = self.imatrix(ctx, tc) if use_im else None
+        except EngineError as e:
+            raise _for_variant(e, variant.name) from None
+        _need_space(out_dir, expected_bytes(quant, ctx.source.n_params), quant, variant.name)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        out = out_dir / file_name(ctx, quant)
+        tmp = out.with_suffix(".partial")
+        t0 = time.monotonic()
+        cmd: list[str | Path] = [tc.quantize,  # llama.cpp keeps override strings to 127 bytes
+                                 "--override-kv", f"general.quantized_by=str:{quantized_by(ctx)[:120]}",
+                                 "--override-kv", f"general.name=str:{model_name(ctx)[:120]}"]
+        if im:
+            cmd += ["--imatrix", im[0].name]  # relative: the path lands in the metadata
+        res = _run(cmd + [base.resolve(), tmp.resolve(), quant, str(threads or llama_threads())],
+                   cwd=im[0].parent if im else None)
+        if res.returncode != 0 or not tmp.is_file():
+            tmp.unlink(missing_ok=True)
+            raise EngineError("gguf", _explain(res, f"quantizing to {quant}", out_dir), variant.name)
+        got = check(tmp, quant, base_info, variant.name)
+        tmp.replace(out)
+        seconds = round(time.monotonic() - t0, 2)
+        return Built(out, {**_notes(quant, base, got, im, tc), "quantize_seconds": seconds})
+
+    def build(self, variant: Variant, ctx: BuildContext, out_dir: Path) -> dict[str, Any]:
+        """Write `{name}.{QUANT}.gguf` into out_dir; uses prepare()'s staged file when there."""
+        staged = self._take_staged(variant, ctx)
+        if isinstance(staged, EngineError):
+            raise staged
+        if staged is not None:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            dest = out_dir / staged.path.name
+            shutil.move(staged.path, dest)
+            return {**staged.notes, "file": dest.name}
+        built = self.quantize(variant, ctx, out_dir)
+        return {**built.notes, "file": built.path.name}
+
+    def prepare(self, variants: Sequence[Variant], ctx: BuildContext) -> dict[str, str]:
+        """Optional batch step: convert, imatrix, then quantize all GGUF variants in parallel
+        (up to cores and RAM) into work_dir; build() then only moves each file. Returns
+        variant name → error for those that failed (build() raises the same error)."""
+        todo = [v for v in variants if v.format == "gguf"]
+        if not todo:
+            return {}
+        tc = self.toolchain()
+        self._prepare_shared(todo, ctx, tc)
+        jobs = self.jobs or parallel_jobs(len(todo), base_bytes=ctx.source.n_params * 2)
+        threads = max(1, llama_threads() // jobs)
+        with ThreadPoolExecutor(max_workers=jobs) as pool:
+            list(pool.map(lambda v: self._stage(v, ctx, threads, tc), todo))
+        results = {v.name: self._staged.get(self._stage_dir(v, ctx)) for v in todo}
+        return {name: str(r) for name, r in results.items() if isinstance(r, EngineError)}
+
+    def _prepare_shared(self, todo: list[Variant], ctx: BuildContext, tc: llamacpp.Toolchain) -> None:
+        """Base GGUF, then the imatrix, before the parallel part; a failure here is reported
+        by the variants that need it (an imatrix failure leaves the others building)."""
+        try:
+            self.base_gguf(ctx, tc)
+            if any(_check_params(v, raise_=False)[1] for v in todo):
+                self.imatrix(ctx, tc)
+        except EngineError:
+            pass
+
+    def _stage_dir(self, v: Variant, ctx: BuildContext) -> Path:
+        key = _key(ctx.source.fingerprint, ctx.calib.sha256, v.params_dict(), model_name(ctx),
+                   quantized_by(ctx))
+        return ctx.work_dir / "gguf" / f"staged-{v.name}-{key}"
+
+    def _stage(self, v: Variant, ctx: BuildContext, threads: int, tc: llamacpp.Toolchain) -> None:
+        folder = self._stage_dir(v, ctx)
+        shutil.rmtree(folder, ignore_errors=True)
+        try:
+            result: Built | EngineError = self.quantize(v, ctx, folder, threads, tc)
+        except EngineError as e:
+            result = e
+        ctx.progress(f"quantize {v.name}", 1, 1)
+        self._staged[folder] = result
+
+    def _take_staged(self, v: Variant, ctx: BuildContext) -> Built | EngineError | None:
+        r = self._staged.pop(self._stage_dir(v, ctx), None)
+        if isinstance(r, Built) and not r.path.is_file():
+            return None
+        return r
+
+    # -- evaluating
+
+    @contextmanager
+    def open_model(self, folder: Path, ctx: BuildContext) -> Iterator[LogitsFn]:
+        """Load the GGUF with llama-cpp-python as users do; logits for the ids as given (no BOS added)."""
+        files = sorted(folder.glob("*.gguf"))
+        if len(files) != 1:
+            raise EngineError("gguf", f"{folder} holds {len(files)} .gguf files, expected one")
+        runner = _LlamaRunner(files[0])
+        try:
+            yield runner
+        finally:
+            runner.close()
+
+
+class _LlamaRunner:
+    """Opens the model on first use with a context as long as the chunks it is given."""
+
+    def __init__(self, path: Path):
+        llamacpp.require_bindings()
+        self.path = path
+        self.llm: Any = None
+        self.n_ctx = 0
+
+    def __call__(self, ids: np.ndarray) -> np.ndarray:
+        n = len(ids)
+        if self.llm is None or n > self.n_ctx:
+            self._open(n)
+        self.llm.reset()
+        self.llm.eval([int(i) for i in ids])
+        return np.array(self.llm.scores[:n], dtype=np.float32, copy=True)
+
+    def _open(self, n: int) -> None:
+        from llama_cpp import Llama
+
+        self.close()
+        self.n_ctx = max(n, 16)
+        try:
+            self.llm = Llama(model_path=str(self.path), n_ctx=self.n_ctx, n_batch=self.n_ctx,
+                             n_ubatch=min(self.n_ctx, 512), logits_all=True, n_gpu_layers=0,
+                             n_threads=llama_threads(), verbose=False)
+        except (ValueError, RuntimeError) as e:
+            raise EngineError("gguf", f"llama-cpp-python cannot load {self.path.name}: {e}") from None
+
+    def close(self) -> None:
+        if self.llm is not None:
+            self.llm.close()
+            self.llm = None
+
+
+# ---------------------------------------------------------------- small helpers
+
+
+def _check_params(v: Variant, raise_: bool = True) -> tuple[str, bool]:
+    """(type, use imatrix); IQ* and Q2_K_S without an imatrix stop here, with the fix."""
+    quant = str(v.params.quant).upper()
+    if quant not in GGUF_TYPES:
+        if raise_:
+            raise EngineError("gguf", f"unknown GGUF type {quant}", v.name)
+        return quant, False
+    use = bool(v.params.imatrix) and quant not in NO_IMATRIX_USE
+    if GGUF_TYPES[quant][1] and not use and raise_:
+        raise EngineError("gguf", f"{quant} needs an importance matrix: set imatrix = true "
+                          "(or pick a K-quant such as Q4_K_M)", v.name)
+    return quant, use
+
+
+def _for_variant(e: EngineError, name: str) -> EngineError:
+    """A failure of the shared steps (conversion, imatrix), reported under each variant."""
+    return e if e.variant else type(e)(e.engine, e.reason, name)
+
+
+def imatrix_ctx(tokens: int) -> int:
+    """512 when the text allows two chunks (llama-imatrix needs 2 x ctx tokens), else shorter."""
+    n = IMATRIX_CTX
+    while n > 32 and tokens < 2 * n:
+        n //= 2
+    return n
+
+
+def imatrix_info(path: Path) -> dict[str, Any]:
+    kv = read_header(path)["kv"]
+    ds = kv.get("imatrix.datasets")
+    return {"dataset": ds[0] if isinstance(ds, list) and ds else ds,
+            "chunks": kv.get("imatrix.chunk_count"), "chunk_size": kv.get("imatrix.chunk_size")}
+
+
+def _notes(quant: str, base: Path, got: dict[str, Any], im: tuple[Path, dict[str, Any]] | None,
+           tc: llamacpp.Toolchain) -> dict[str, Any]:
+    return {"quant": quant, "base": base.name.split(".")[-2], "imatrix": im is not None,
+            "imatrix_dataset": got["imatrix_dataset"], "imatrix_chunks": got["imatrix_chunks"],
+            "tensors": got["tensors"], "tensor_types": got["tensor_types"], "llama_cpp": tc.version()}
+
+
+def _slug(s: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", s).strip("-")[:80] or "calibration"
+
+
+def llama_threads() -> int:
+    """Threads per llama.cpp process: QUANTKIT_THREADS, else the cores we may use. On a busy
+    machine fewer threads can be faster (ggml's threads spin-wait for each other)."""
+    env = os.environ.get("QUANTKIT_THREADS", "")
+    return max(1, int(env)) if env.isdigit() else _cores()
+
+
+def _cores() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def parallel_jobs(n_types: int, base_bytes: int) -> int:
+    """llama-quantize runs at once: at most one per core, and what RAM allows (each holds a
+    few tensors in f32 next to the shared, memory-mapped 16-bit file)."""
+    try:
+        import psutil
+
+        avail = psutil.virtual_memory().available
+    except ImportError:  # pragma: no cover - psutil is a dependency
+        avail = 8 << 30
+    per_job = 512 * MB + base_bytes // 8
+    by_ram = max(1, int((avail - base_bytes) // per_job))
+    return max(1, min(n_types, _cores(), by_ram))

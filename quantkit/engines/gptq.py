@@ -1,0 +1,125 @@
+"""GPTQ through GPTQModel (AutoGPTQ's maintained successor), written as GPTQ v1
+(`checkpoint_format: gptq`): the layout AutoGPTQ, ExLlama, TGI, vLLM and transformers read.
+
+`engine = "auto-gptq"` in a recipe uses AutoGPTQ 0.7.1 instead, where it is installed
+(it imports only with transformers 4.57 and quantizes only on CUDA).
+"""
+
+from __future__ import annotations
+
+import json
+from contextlib import AbstractContextManager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..errors import EngineError, EngineUnavailable
+from . import _gptqmodel as gm
+from .base import BuildContext, LogitsFn
+
+if TYPE_CHECKING:
+    from ..plan import Variant
+    from ..recipe import GPTQParams
+
+AUTOGPTQ_EXTRA = "pip install 'quantkit-workbench[auto-gptq]'"
+
+
+class GPTQEngine:
+    name = "gptq"
+
+    def version(self) -> str:
+        return gm.gptqmodel_version()
+
+    def build(self, variant: Variant, ctx: BuildContext, out_dir: Path) -> dict[str, Any]:
+        p: GPTQParams = variant.params  # type: ignore[assignment]
+        examples = gm.calibration_examples(ctx.calib.windows, p.seq_len)
+        device = gm.device_of(ctx.device)
+        if p.engine == "auto-gptq":
+            quantizer = _build_autogptq(variant, ctx, out_dir, examples, device)
+            notes: dict[str, Any] = {}
+        else:
+            quantizer = self.version()
+            _build_gptqmodel(variant, ctx, out_dir, examples, device)
+            notes = gm.finish_folder(out_dir, ctx.source.path, log_dir=ctx.work_dir,
+                                     log_name=f"{variant.name}.quant_log.csv")
+        gm.check_output(self.name, out_dir, expected_config(p))
+        return {"quantizer": quantizer, "device": device, "damp_percent": p.damp,
+                **gm.calibration_notes(examples), **notes}
+
+    def open_model(self, folder: Path, ctx: BuildContext) -> AbstractContextManager[LogitsFn]:
+        return gm.open_quantized(folder, gm.device_of(ctx.device),
+                                 ctx.work_dir / f"{folder.name}.gptqmodel.log")
+
+
+def expected_config(p: GPTQParams) -> dict[str, Any]:
+    """What config.json's quantization_config must say for this variant."""
+    return {"quant_method": "gptq", "checkpoint_format": "gptq", "bits": p.bits,
+            "group_size": p.group_size, "desc_act": p.act_order, "sym": p.sym}
+
+
+def gptq_config(p: GPTQParams) -> dict[str, Any]:
+    """GPTQConfig arguments for a variant. act_group_aware (GPTQModel's default for static
+    groups) cannot go with desc_act; it changes quantization order only, not the format."""
+    return {"bits": p.bits, "group_size": p.group_size, "desc_act": p.act_order,
+            "act_group_aware": not p.act_order, "sym": p.sym, "damp_percent": p.damp,
+            "true_sequential": p.true_sequential}
+
+
+def _build_gptqmodel(variant: Variant, ctx: BuildContext, out_dir: Path,
+                     examples: list[dict[str, list[int]]], device: str) -> None:
+    p: GPTQParams = variant.params  # type: ignore[assignment]
+    job = gm.QuantJob(GPTQEngine.name, ctx.source.path, "GPTQConfig", gptq_config(p), examples, device)
+    gm.run(job, out_dir, ctx.progress, ctx.work_dir / f"{variant.name}.gptqmodel.log",
+           offload_dir=ctx.work_dir / f"{variant.name}.offload")
+
+
+# ---------------------------------------------------------------- optional: AutoGPTQ
+
+
+def _build_autogptq(variant: Variant, ctx: BuildContext, out_dir: Path,
+                    examples: list[dict[str, list[int]]], device: str) -> str:
+    """AutoGPTQ 0.7.1, for those who want the original implementation. Returns its version."""
+    p: GPTQParams = variant.params  # type: ignore[assignment]
+    try:
+        import auto_gptq
+        from auto_gptq import AutoGPTQForCausalLM, BaseQuantizeConfig
+    except Exception as e:  # noqa: BLE001 - not installed, or installed against transformers 5
+        raise EngineUnavailable(GPTQEngine.name, f'engine = "auto-gptq" needs AutoGPTQ, which '
+                                f"cannot be imported here ({type(e).__name__}: {e}). Install it with "
+                                f"{AUTOGPTQ_EXTRA} (auto-gptq 0.7.1 needs transformers 4.57 and a CUDA "
+                                'GPU), or use engine = "gptqmodel", the default.', variant.name) from None
+    if device != "cuda":
+        raise EngineUnavailable(GPTQEngine.name, "auto-gptq 0.7.1 quantizes only on a CUDA GPU; "
+                                'use engine = "gptqmodel" (the default) on this machine', variant.name)
+    import torch
+
+    qc = BaseQuantizeConfig(bits=p.bits, group_size=p.group_size, desc_act=p.act_order, sym=p.sym,
+                            true_sequential=p.true_sequential, damp_percent=p.damp,
+                            model_file_base_name="model")
+    data = [{k: torch.tensor([v]) for k, v in e.items()} for e in examples]
+    ctx.progress("quantize", 0, None)
+    try:
+        model = AutoGPTQForCausalLM.from_pretrained(str(ctx.source.path), qc, torch_dtype=torch.float16)
+        model.quantize(data, batch_size=1)
+        model.save_quantized(str(out_dir), use_safetensors=True)
+    except MemoryError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise EngineError(GPTQEngine.name, f"AutoGPTQ failed: {type(e).__name__}: {e}", variant.name) from e
+    gm.finish_folder(out_dir, ctx.source.path)
+    _mark_v1(out_dir)
+    return f"auto-gptq {auto_gptq.__version__}"
+
+
+def _mark_v1(folder: Path) -> None:
+    """AutoGPTQ writes quantize_config.json; make config.json say the same, as GPTQ v1."""
+    qpath, cpath = folder / "quantize_config.json", folder / "config.json"
+    qc = json.loads(qpath.read_text(encoding="utf-8")) if qpath.is_file() else {}
+    cfg = json.loads(cpath.read_text(encoding="utf-8"))
+    merged = {**qc, **(cfg.get("quantization_config") or {})}
+    merged.setdefault("quant_method", "gptq")
+    merged.setdefault("checkpoint_format", "gptq")
+    cfg["quantization_config"] = merged
+    cpath.write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
+    if qc:
+        qc.setdefault("checkpoint_format", "gptq")
+        qpath.write_text(json.dumps(qc, indent=2) + "\n", encoding="utf-8")

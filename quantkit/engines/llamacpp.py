@@ -1,0 +1,438 @@
+"""The llama.cpp toolchain: the HF→GGUF converter, llama-quantize/-imatrix/-perplexity, the bindings.
+
+Found in this order, each part on its own: an explicit directory (argument or
+`LLAMA_CPP_DIR`: a llama.cpp checkout or install), then `PATH`, then the cache
+(`QUANTKIT_CACHE`, default ~/.cache/quantkit) that `build_toolchain` fills from the pinned
+llama-cpp-python sdist, so tools, converter and bindings share one llama.cpp version.
+
+The cached build is one explicit step: `python -m quantkit.engines.llamacpp build`
+(or `quantkit toolchain build`). It compiles llama.cpp once as shared libraries: the tools
+link to them, and the bindings wheel is packed from the same libraries instead of
+compiling llama.cpp a second time. Every step is skipped when its output is there.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import functools
+import importlib.metadata
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import EngineError, EngineUnavailable
+
+PIN = "0.3.36"  # llama-cpp-python: the bindings, and the llama.cpp tree the tools are built from
+SDIST = f"llama_cpp_python-{PIN}"
+TOOLS = ("llama-quantize", "llama-imatrix", "llama-perplexity")
+CONVERTER = "convert_hf_to_gguf.py"
+BUILD_COMMAND = "python -m quantkit.engines.llamacpp build"
+# Where a llama.cpp checkout or install keeps its executables, relative to its root.
+TOOL_SUBDIRS = ("", "bin", "build/bin", "build/bin/Release")
+# The cached build: shared libraries (the wheel reuses them), found next to the tools via $ORIGIN.
+CMAKE_FLAGS = (
+    "-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_BUILD_TOOLS=ON", "-DLLAMA_BUILD_EXAMPLES=OFF",
+    "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_CURL=OFF",
+    "-DLLAMA_OPENSSL=OFF", "-DBUILD_SHARED_LIBS=ON", "-DCMAKE_BUILD_WITH_INSTALL_RPATH=ON",
+    "-DCMAKE_INSTALL_RPATH=$ORIGIN",
+)
+
+Progress = Callable[[str, int, "int | None"], None]
+
+
+def _no_progress(task: str, done: int, total: int | None) -> None:
+    pass
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("QUANTKIT_CACHE") or Path.home() / ".cache" / "quantkit").expanduser()
+
+
+def sdist_dir(cache: Path | None = None) -> Path:
+    return (cache or cache_dir()) / "src" / SDIST
+
+
+def build_dir(cache: Path | None = None) -> Path:
+    return (cache or cache_dir()) / "llama.cpp" / "build"
+
+
+def wheel_dir(cache: Path | None = None) -> Path:
+    return (cache or cache_dir()) / "wheels"
+
+
+# ---------------------------------------------------------------- finding it
+
+
+@dataclass(frozen=True)
+class Toolchain:
+    converter: Path  # convert_hf_to_gguf.py
+    gguf_py: Path  # the converter's own gguf-py (PyPI gguf lacks what it needs)
+    quantize: Path
+    imatrix: Path
+    perplexity: Path
+    converter_from: str  # "LLAMA_CPP_DIR (/x)", "PATH", "cache (/root/.cache/quantkit)"
+    tools_from: str
+
+    def converter_env(self) -> dict[str, str]:
+        """Environment for the converter subprocess: its own gguf-py first on PYTHONPATH."""
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(self.gguf_py), env.get("PYTHONPATH")) if p)
+        env.pop("NO_LOCAL_GGUF", None)  # it would make the converter pick up PyPI gguf
+        return env
+
+    def version(self) -> str:
+        """`0c1e570 (build 1)`: the llama.cpp commit the tools were built from."""
+        return tool_version(self.imatrix)
+
+
+@functools.lru_cache(maxsize=8)
+def tool_version(tool: Path) -> str:
+    try:
+        out = subprocess.run([str(tool), "--version"], capture_output=True, text=True, timeout=60)
+    except OSError as e:
+        raise EngineUnavailable("gguf", f"{tool} does not run: {e.strerror}") from None
+    m = re.search(r"version: \S+ \(build (\d+), commit (\w+)\)", out.stdout + out.stderr)
+    if not m:
+        m2 = re.search(r"version: (\d+) \((\w+)\)", out.stdout + out.stderr)  # older tools
+        if not m2:
+            raise EngineUnavailable("gguf", f"{tool} --version printed no version (exit {out.returncode})")
+        return f"{m2.group(2)} (build {m2.group(1)})"
+    return f"{m.group(2)} (build {m.group(1)})"
+
+
+def _tools_in(folder: Path) -> dict[str, Path] | None:
+    for sub in TOOL_SUBDIRS:
+        found = {t: folder / sub / t for t in TOOLS}
+        if all(p.is_file() and os.access(p, os.X_OK) for p in found.values()):
+            return found
+    return None
+
+
+def _converter_in(folder: Path) -> tuple[Path, Path] | None:
+    for root in (folder, folder.parent):
+        if (root / CONVERTER).is_file() and (root / "gguf-py" / "gguf").is_dir():
+            return root / CONVERTER, root / "gguf-py"
+    return None
+
+
+def _tools_on_path() -> dict[str, Path] | None:
+    found = {t: shutil.which(t) for t in TOOLS}
+    return {t: Path(p) for t, p in found.items() if p} if all(found.values()) else None
+
+
+def _converter_on_path() -> tuple[Path, Path] | None:
+    p = shutil.which(CONVERTER)
+    return _converter_in(Path(p).resolve().parent) if p else None
+
+
+def cached_build_is_pinned(cache: Path | None = None) -> bool:
+    """The cached build was configured from the pinned sdist (not some older one)."""
+    cmake_cache = build_dir(cache) / "CMakeCache.txt"
+    if not cmake_cache.is_file():
+        return False
+    m = re.search(r"^CMAKE_HOME_DIRECTORY:INTERNAL=(.*)$", cmake_cache.read_text(errors="replace"), re.M)
+    return bool(m) and f"/{SDIST}/" in m.group(1) + "/"
+
+
+def _cached_tools(cache: Path) -> dict[str, Path] | None:
+    return _tools_in(build_dir(cache) / "bin") if cached_build_is_pinned(cache) else None
+
+
+def find_toolchain(llama_cpp_dir: str | Path | None = None) -> Toolchain:
+    """Converter and tools in the documented order; EngineUnavailable says how to get them."""
+    explicit = llama_cpp_dir or os.environ.get("LLAMA_CPP_DIR")
+    cache = cache_dir()
+    conv = tools = None
+    conv_from = tools_from = ""
+    if explicit:
+        root = Path(explicit).expanduser()
+        label = f"{'LLAMA_CPP_DIR' if not llama_cpp_dir else 'setting'} ({root})"
+        if not root.is_dir():
+            raise EngineUnavailable("gguf", f"llama.cpp directory {root} does not exist")
+        tools, tools_from = _tools_in(root), label
+        conv, conv_from = _converter_in(root), label
+        if tools is None and conv is None:
+            raise EngineUnavailable("gguf", f"{root} holds neither {TOOLS[0]} nor {CONVERTER}: "
+                                    "point LLAMA_CPP_DIR at a llama.cpp checkout with a build/ folder")
+    if tools is None:
+        tools, tools_from = _tools_on_path(), "PATH"
+    if conv is None:
+        conv, conv_from = _converter_on_path(), "PATH"
+    if tools is None:
+        tools, tools_from = _cached_tools(cache), f"cache ({cache})"
+    if conv is None:
+        conv, conv_from = _converter_in(sdist_dir(cache) / "vendor" / "llama.cpp"), f"cache ({cache})"
+    missing = ([", ".join(TOOLS)] if tools is None else []) + ([CONVERTER] if conv is None else [])
+    if missing:
+        raise EngineUnavailable("gguf", f"llama.cpp not found ({' and '.join(missing)}; looked in "
+                                f"LLAMA_CPP_DIR, PATH, {cache}): run `{BUILD_COMMAND}` once (~7 min)")
+    return Toolchain(conv[0], conv[1], tools["llama-quantize"], tools["llama-imatrix"],
+                     tools["llama-perplexity"], conv_from, tools_from)
+
+
+def bindings_version() -> str | None:
+    """Installed llama-cpp-python version, without importing it (that loads the library)."""
+    try:
+        return importlib.metadata.version("llama_cpp_python")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def require_bindings() -> None:
+    if bindings_version() is None:
+        raise EngineUnavailable("gguf", f"llama-cpp-python is not installed: run `{BUILD_COMMAND}` "
+                                f"(builds or reuses the wheel in {wheel_dir()} and installs it)")
+
+
+# ---------------------------------------------------------------- doctor
+
+
+@dataclass(frozen=True)
+class DoctorRow:
+    part: str  # "converter", "tools", "bindings"
+    ok: bool
+    detail: str  # path and version, or what is wrong
+    source: str = ""  # where it was found
+
+
+def doctor() -> tuple[DoctorRow, ...]:
+    """What `quantkit doctor` shows for GGUF: each part, where it was found, its version, or the fix."""
+    try:
+        tc = find_toolchain()
+    except EngineUnavailable as e:
+        rows = [DoctorRow("llama.cpp", False, e.reason)]
+    else:
+        try:
+            ver = f"llama.cpp {tc.version()}"
+        except EngineUnavailable as e:
+            ver = f"version unknown: {e.reason}"
+        rows = [DoctorRow("converter", True, str(tc.converter), tc.converter_from),
+                DoctorRow("tools", True, f"{tc.quantize.parent} ({ver})", tc.tools_from)]
+    bv = bindings_version()
+    if bv is None:
+        rows.append(DoctorRow("bindings", False, f"llama-cpp-python not installed: run `{BUILD_COMMAND}`"))
+    else:
+        note = "" if bv == PIN else f" (quantkit pins {PIN})"
+        rows.append(DoctorRow("bindings", bv == PIN, f"llama-cpp-python {bv}{note}", "installed"))
+    return tuple(rows)
+
+
+# ---------------------------------------------------------------- building it
+
+
+@dataclass
+class BuildReport:
+    """What build_toolchain did: per step 'built'/'cached'/'installed', and seconds."""
+
+    steps: dict[str, str] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+    wheel: Path | None = None
+    tools: Path | None = None
+
+
+def _run(cmd: list[str], *, what: str, env: dict[str, str] | None = None, cwd: Path | None = None,
+         progress: Progress = _no_progress, total: int | None = None) -> None:
+    """Run a build command; `[n/N]` lines (ninja) drive progress; failure keeps the log tail."""
+    tail: list[str] = []
+    try:
+        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             env=env, cwd=cwd, errors="replace")
+    except OSError as e:
+        raise EngineUnavailable("gguf", f"{what}: cannot run {cmd[0]}: {e.strerror}") from None
+    assert p.stdout is not None
+    for line in p.stdout:
+        tail = (tail + [line.rstrip()])[-30:]
+        m = re.match(r"\[(\d+)/(\d+)\]", line)
+        if m:
+            progress(what, int(m.group(1)), int(m.group(2)))
+    if p.wait() != 0:
+        log = Path(tempfile.gettempdir()) / f"quantkit-{what.replace(' ', '-')}.log"
+        log.write_text("\n".join(tail) + "\n")
+        raise EngineError("gguf", f"{what} failed (exit {p.returncode}); last lines in {log}")
+
+
+@contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """One toolchain build at a time per cache (CI jobs and developers share it)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def fetch_sdist(cache: Path, progress: Progress = _no_progress) -> Path:
+    """Download (pip) and unpack the pinned sdist; returns its folder."""
+    dest = sdist_dir(cache)
+    if (dest / "vendor" / "llama.cpp" / CONVERTER).is_file():
+        return dest
+    src = dest.parent
+    src.mkdir(parents=True, exist_ok=True)
+    tarball = src / f"{SDIST}.tar.gz"
+    if not tarball.is_file():
+        progress("download llama-cpp-python sdist", 0, None)
+        _run([sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps",
+              f"llama-cpp-python=={PIN}", "-d", str(src)], what="download sdist")
+    with tempfile.TemporaryDirectory(dir=src) as tmp, tarfile.open(tarball) as tf:
+        tf.extractall(tmp, filter="data")
+        shutil.rmtree(dest, ignore_errors=True)
+        (Path(tmp) / SDIST).rename(dest)
+    tarball.unlink()  # 74 MB a CI cache need not carry: the unpacked tree is what is used
+    return dest
+
+
+def build_tools(cache: Path, progress: Progress = _no_progress, jobs: int | None = None) -> Path:
+    """cmake-build the three tools (and the shared libraries) from the sdist; returns bin/."""
+    out = build_dir(cache)
+    if _cached_tools(cache):
+        return out / "bin"
+    source = sdist_dir(cache) / "vendor" / "llama.cpp"
+    if (out / "CMakeCache.txt").is_file() and not cached_build_is_pinned(cache):
+        shutil.rmtree(out)  # configured from another sdist: cmake refuses to switch sources
+    gen = ["-G", "Ninja"] if shutil.which("ninja") else []
+    _run(["cmake", "-S", str(source), "-B", str(out), *gen, *CMAKE_FLAGS], what="configure llama.cpp",
+         progress=progress)
+    _run(["cmake", "--build", str(out), "--parallel", str(jobs or os.cpu_count() or 2),
+          "--target", *TOOLS], what="build llama.cpp", progress=progress)
+    if not _tools_in(out / "bin"):
+        raise EngineError("gguf", f"llama.cpp build finished but {out / 'bin'} lacks {', '.join(TOOLS)}")
+    return out / "bin"
+
+
+def cached_wheel(cache: Path | None = None) -> Path | None:
+    found = sorted(wheel_dir(cache).glob(f"{SDIST}-*.whl"))
+    return found[-1] if found else None
+
+
+# The libraries the bindings load (libllama.so, libggml.so) and their dependencies by soname
+# (libggml-base.so.0, ...); not the tools' own libraries or the fully versioned names.
+_BINDINGS_LIB = re.compile(r"^lib(llama|ggml(-[a-z0-9]+)?)\.so(\.\d+)?$")
+
+
+def _shared_libs(bin_dir: Path) -> list[Path]:
+    return sorted(p for p in bin_dir.glob("lib*.so*") if p.is_file() and _BINDINGS_LIB.match(p.name))
+
+
+def build_wheel(cache: Path, progress: Progress = _no_progress) -> Path:
+    """The bindings wheel: packed from the cached build's shared libraries when it has them
+    (seconds), else compiled by pip from the sdist (~10 min)."""
+    if whl := cached_wheel(cache):
+        return whl
+    out = wheel_dir(cache)
+    out.mkdir(parents=True, exist_ok=True)
+    libs = _shared_libs(build_dir(cache) / "bin") if cached_build_is_pinned(cache) else []
+    env = dict(os.environ)
+    with tempfile.TemporaryDirectory() as tmp:
+        if any(p.name.startswith("libllama.so") for p in libs):
+            src = _stage_python_package(sdist_dir(cache), Path(tmp) / SDIST, libs)
+            env["CMAKE_ARGS"] = "-DLLAMA_BUILD=OFF -DLLAVA_BUILD=OFF"
+        else:
+            src = sdist_dir(cache)
+            env["CMAKE_ARGS"] = "-DLLAVA_BUILD=OFF " + env.get("CMAKE_ARGS", "")
+        progress("build llama-cpp-python wheel", 0, None)
+        _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-w", str(Path(tmp) / "whl"), str(src)],
+             what="build wheel", env=env, progress=progress)
+        built = next((Path(tmp) / "whl").glob("*.whl"))
+        shutil.move(built, out / built.name)  # the cache only ever holds complete wheels
+    return out / built.name
+
+
+def _stage_python_package(sdist: Path, stage: Path, libs: list[Path]) -> Path:
+    """The sdist's Python package plus the built libraries in llama_cpp/lib, as the wheel expects."""
+    stage.mkdir(parents=True)
+    for name in ("pyproject.toml", "CMakeLists.txt", "README.md", "LICENSE.md"):
+        shutil.copy2(sdist / name, stage / name)
+    shutil.copytree(sdist / "llama_cpp", stage / "llama_cpp",
+                    ignore=shutil.ignore_patterns("__pycache__", "lib"))
+    (stage / "llama_cpp" / "lib").mkdir()
+    for lib in libs:  # wheels hold no symlinks: each name (libggml.so, libggml.so.0) as a file
+        shutil.copy2(lib, stage / "llama_cpp" / "lib" / lib.name, follow_symlinks=True)
+    return stage
+
+
+def install_wheel(wheel: Path) -> bool:
+    """Install the bindings into this interpreter's environment unless the pinned version is there."""
+    if bindings_version() == PIN:
+        return False
+    _run([sys.executable, "-m", "pip", "install", str(wheel)], what="install wheel")
+    return True
+
+
+def build_toolchain(progress: Progress = _no_progress, *, cache: Path | None = None,
+                    bindings: bool = True, install: bool = True, jobs: int | None = None) -> BuildReport:
+    """Fetch the pinned sdist, build the tools and the bindings wheel, install it; idempotent."""
+    cache = cache or cache_dir()
+    rep = BuildReport()
+    with _locked(cache / "llama.cpp" / ".build.lock"):
+        for step, had, fn in (
+            ("sdist", lambda: (sdist_dir(cache) / "vendor" / "llama.cpp" / CONVERTER).is_file(),
+             lambda: fetch_sdist(cache, progress)),
+            ("tools", lambda: _cached_tools(cache) is not None,
+             lambda: build_tools(cache, progress, jobs)),
+            ("wheel", lambda: cached_wheel(cache) is not None, lambda: build_wheel(cache, progress)),
+        ):
+            if step == "wheel" and not bindings:
+                continue
+            t0, cached = time.monotonic(), had()
+            result = fn()
+            rep.steps[step] = "cached" if cached else "built"
+            rep.seconds[step] = round(time.monotonic() - t0, 1)
+            if step == "tools":
+                rep.tools = result
+            if step == "wheel":
+                rep.wheel = result
+    if bindings and install and rep.wheel:
+        t0 = time.monotonic()
+        rep.steps["install"] = "installed" if install_wheel(rep.wheel) else "cached"
+        rep.seconds["install"] = round(time.monotonic() - t0, 1)
+    return rep
+
+
+def _main(argv: list[str]) -> int:
+    """`python -m quantkit.engines.llamacpp build|doctor`: for CI and the Dockerfile."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m quantkit.engines.llamacpp")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    b = sub.add_parser("build", help="build or restore the llama.cpp tools and bindings wheel (cached)")
+    b.add_argument("--no-bindings", action="store_true", help="tools and converter only")
+    b.add_argument("--no-install", action="store_true", help="build the wheel but do not install it")
+    b.add_argument("--jobs", type=int, default=None)
+    sub.add_parser("doctor", help="show which toolchain is found")
+    args = ap.parse_args(argv)
+    if args.cmd == "doctor":
+        for r in doctor():
+            print(f"{'ok ' if r.ok else 'MISSING'} {r.part:10} {r.detail}  {r.source}")
+        return 0 if all(r.ok for r in doctor()) else 1
+    last = [""]
+
+    def show(task: str, done: int, total: int | None) -> None:
+        if task != last[0] or (total and done == total) or done % 20 == 0:
+            print(f"{task}: {done}/{total}" if total else f"{task} ...", file=sys.stderr, flush=True)
+            last[0] = task
+
+    try:
+        rep = build_toolchain(show, bindings=not args.no_bindings, install=not args.no_install,
+                              jobs=args.jobs)
+    except EngineError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    for step, state in rep.steps.items():
+        print(f"{step:8} {state:9} {rep.seconds[step]:7.1f} s")
+    print(f"tools    {rep.tools}\nwheel    {rep.wheel}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))

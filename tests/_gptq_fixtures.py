@@ -1,0 +1,71 @@
+"""Helpers shared by test_gptq.py and test_awq.py: a BuildContext over a test model with
+the shipped German calibration sample, the variant to build, and quality against the
+unquantized model through quantkit.evaluate."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from quantkit.calibration import CalibrationSet, build_calibration
+from quantkit.engines.base import BuildContext, SourceModel
+from quantkit.evaluate import EvalSet, Quality, Reference, compute_reference, hf_logits, make_eval_set, score
+from quantkit.plan import Variant, make_plan
+from quantkit.recipe import parse_recipe
+
+EVAL_TOKENS = 2048
+EVAL_CTX = 256
+
+
+def recipe_text(source: Path, variant: str, *, samples: int, seq_len: int) -> str:
+    return (f'[model]\nsource = "{source}"\n[calibration]\nsamples = {samples}\nseq_len = {seq_len}\n'
+            f"[[variants]]\n{variant}\n")
+
+
+def variant_of(source: Path, variant: str) -> Variant:
+    """`variant` is the body of one [[variants]] table, e.g. 'format = "gptq"\\nbits = 8'."""
+    recipe = parse_recipe(recipe_text(source, variant, samples=1, seq_len=16), check_source=False)
+    return make_plan(recipe).variants[0]
+
+
+@dataclass
+class Bench:
+    """One test model, its calibration set, eval chunks and reference log-probs."""
+
+    source: Path
+    calib: CalibrationSet
+    eval_set: EvalSet
+    reference: Reference
+    work: Path
+    events: list[tuple[str, int, Any]] = field(default_factory=list)
+
+    def context(self) -> BuildContext:
+        src = SourceModel(str(self.source), self.source, "local", "test", 0, "LlamaForCausalLM")
+        return BuildContext(src, self.calib, self.work, "cpu",
+                            lambda task, done, total: self.events.append((task, done, total)))
+
+
+def make_bench(source: Path, work: Path, *, samples: int = 8, seq_len: int = 256) -> Bench:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(source)
+    recipe = parse_recipe(recipe_text(source, 'format = "gptq"', samples=samples, seq_len=seq_len),
+                          check_source=False)
+    calib = build_calibration(recipe, tok)
+    es = make_eval_set(tok, calib.eval_texts, EVAL_TOKENS, EVAL_CTX)
+    with hf_logits(source) as fn:
+        ref = compute_reference(es, fn, work / "reference.npy")
+    return Bench(source, calib, es, ref, work)
+
+
+def quality(engine: Any, folder: Path, bench: Bench) -> Quality:
+    """Reload the written folder the way users do (engine.open_model) and score it."""
+    with engine.open_model(folder, bench.context()) as fn:
+        return score(bench.eval_set, bench.reference, fn)
+
+
+def build(engine: Any, variant: Variant, bench: Bench, out: Path) -> dict[str, Any]:
+    out.mkdir(parents=True)
+    bench.events.clear()
+    return engine.build(variant, bench.context(), out)

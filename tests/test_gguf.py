@@ -1,0 +1,336 @@
+"""GGUF engine: convert once, imatrix once, quantize, read back, evaluate; and its failures.
+
+Needs the llama.cpp toolchain, found the way the product finds it (LLAMA_CPP_DIR, PATH,
+then the cache that `python -m quantkit.engines.llamacpp build` fills); skipped without.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from quantkit.engines import gguf as gguf_engine
+from quantkit.engines import llamacpp
+from quantkit.engines.base import BuildContext, SourceModel
+from quantkit.errors import EngineError, EngineUnavailable
+from quantkit.plan import Variant
+from quantkit.recipe import GGUFParams
+
+
+@pytest.fixture(scope="module")
+def toolchain():
+    try:
+        return llamacpp.find_toolchain()
+    except EngineUnavailable as e:
+        pytest.skip(str(e))
+
+
+@pytest.fixture(scope="module")
+def bindings():
+    if llamacpp.bindings_version() is None:
+        pytest.skip(f"llama-cpp-python not installed: run `{llamacpp.BUILD_COMMAND}`")
+
+
+def _n_params(folder: Path) -> int:
+    from safetensors import safe_open
+
+    n = 0
+    for f in folder.glob("*.safetensors"):
+        with safe_open(f, "np") as st:
+            n += sum(math.prod(st.get_slice(k).get_shape()) for k in st.keys())
+    return n
+
+
+def make_ctx(model: Path, work: Path, *, samples: int = 4, seq_len: int = 256, name: str | None = None):
+    from transformers import AutoTokenizer
+
+    from quantkit.calibration import build_calibration
+    from quantkit.recipe import parse_recipe
+
+    recipe = parse_recipe(f'[model]\nsource = "{model}"\n[calibration]\nsamples = {samples}\n'
+                          f'seq_len = {seq_len}\n[[variants]]\nformat = "gguf"\nquant = "Q4_K_M"\n',
+                          check_source=False)
+    tok = AutoTokenizer.from_pretrained(model)
+    calib = build_calibration(recipe, tok)
+    src = SourceModel(str(model), model, "local", f"test-{model.name}", _n_params(model), "LlamaForCausalLM")
+    events: list[tuple[str, int, int | None]] = []
+    ctx = BuildContext(src, calib, work, "cpu", lambda t, d, n: events.append((t, d, n)))
+    if name:
+        object.__setattr__(ctx, "model_name", name)
+    return ctx, tok, events
+
+
+def variant(quant: str, imatrix: bool = True) -> Variant:
+    # model_construct: the engine must refuse what the recipe would (IQ* without imatrix)
+    params = GGUFParams.model_construct(quant=quant, imatrix=imatrix)
+    suffix = "" if imatrix or quant in ("F16", "BF16") else "-noimatrix"
+    return Variant(f"gguf-{quant}{suffix}", "gguf", "{owner}/m-GGUF", quant, params, 0)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_llama, tmp_path_factory, toolchain):
+    ctx, tok, events = make_ctx(tiny_llama, tmp_path_factory.mktemp("work"), name="tiny-llama")
+    return ctx, tok, events, tmp_path_factory.mktemp("out")
+
+
+def _eval_ids(tok, ctx, n: int = 128) -> np.ndarray:
+    ids = tok("\n\n".join(ctx.calib.eval_texts), add_special_tokens=False)["input_ids"][:n - 1]
+    return np.asarray([tok.bos_token_id, *ids], dtype=np.int64)
+
+
+def test_quantized_file_reads_back_with_metadata(tiny, toolchain):
+    ctx, _, events, out = tiny
+    eng = gguf_engine.GGUFEngine()
+    notes = eng.build(variant("Q4_K_M"), ctx, out / "q4km")
+    path = out / "q4km" / "tiny-llama.Q4_K_M.gguf"
+    assert notes["file"] == path.name and sorted(p.name for p in (out / "q4km").iterdir()) == [path.name]
+    got = gguf_engine.read_back(path)
+    base, base_info = eng.base_gguf(ctx)
+    assert got["architecture"] == "llama" and got["tensors"] == base_info["tensors"] == 21
+    assert got["file_type"] == gguf_engine.file_type_of("Q4_K_M") == 15
+    assert got["name"] == "tiny-llama" and got["quantized_by"] == "quantkit"
+    assert got["imatrix_dataset"].endswith(".txt") and "/" not in got["imatrix_dataset"]
+    assert got["imatrix_chunks"] >= 1 and notes["imatrix_chunks"] == got["imatrix_chunks"]
+    assert {"Q4_K", "Q6_K"} <= set(got["tensor_types"])
+    assert base.name == "tiny-llama.F16.gguf" and base.parent.parent == ctx.work_dir / "gguf"
+    assert [t for t, *_ in events].count("convert to F16 GGUF") == 2  # start and end, once
+
+
+def test_header_reader_agrees_with_gguf_reader(tiny, toolchain, tmp_path):
+    """The check's fast header reader sees what gguf.GGUFReader sees; a cut file fails it."""
+    from gguf import GGUFReader
+
+    ctx, _, _, out = tiny
+    eng = gguf_engine.GGUFEngine()
+    notes = eng.build(variant("Q4_K_M"), ctx, out / "hdr")
+    path = out / "hdr" / notes["file"]
+    r = GGUFReader(path)
+    mine = gguf_engine.read_back(path)
+    types: dict[str, int] = {}
+    for t in r.tensors:
+        types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + 1
+    assert mine["tensor_types"] == types and mine["tensors"] == len(r.tensors) and mine["complete"]
+    for key in ("general.architecture", "general.file_type", "general.name", "general.quantized_by",
+                "quantize.imatrix.dataset", "quantize.imatrix.chunks_count"):
+        assert gguf_engine.read_header(path)["kv"][key] == r.fields[key].contents(), key
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(path.read_bytes()[:-1000])
+    with pytest.raises(EngineError, match="read back wrong: complete False"):
+        gguf_engine.check(cut, "Q4_K_M", eng.base_gguf(ctx)[1], "v")
+    (tmp_path / "junk.gguf").write_bytes(b"not a gguf at all")
+    with pytest.raises(EngineError, match="does not read back as GGUF"):
+        gguf_engine.check(tmp_path / "junk.gguf", "Q4_K_M", eng.base_gguf(ctx)[1], "v")
+
+
+def test_shared_inputs_are_made_once_and_keyed(tiny, toolchain):
+    ctx, *_ = tiny
+    eng = gguf_engine.GGUFEngine()
+    base, _ = eng.base_gguf(ctx)
+    im, info = eng.imatrix(ctx)
+    mtimes = base.stat().st_mtime_ns, im.stat().st_mtime_ns
+    assert eng.base_gguf(ctx)[0] == base and eng.imatrix(ctx)[0] == im
+    assert (base.stat().st_mtime_ns, im.stat().st_mtime_ns) == mtimes
+    assert info["chunks"] >= 1 and info["dataset"].endswith(".txt")
+    other = BuildContext(ctx.source.__class__(**{**ctx.source.__dict__, "fingerprint": "other"}),
+                         ctx.calib, ctx.work_dir, "cpu", ctx.progress)
+    assert gguf_engine.GGUFEngine()._stage_dir(variant("Q8_0"), other) != eng._stage_dir(variant("Q8_0"), ctx)
+
+
+def test_float_variant_is_a_plain_copy(tiny, toolchain):
+    ctx, _, _, out = tiny
+    eng = gguf_engine.GGUFEngine()
+    notes = eng.build(variant("F16"), ctx, out / "f16")
+    got = gguf_engine.read_back(out / "f16" / notes["file"])
+    assert got["tensor_types"] == {"F16": 16, "F32": 5} and not notes["imatrix"]
+    assert got["imatrix_dataset"] is None
+
+
+def test_f16_gguf_matches_hf_logits(tiny, toolchain, bindings, tiny_llama):
+    """A missing q/k permutation moves PPL a little but max |Δlogit| a lot: compare logits."""
+    from quantkit.evaluate import hf_logits
+
+    ctx, tok, _, out = tiny
+    eng = gguf_engine.GGUFEngine()
+    eng.build(variant("F16"), ctx, out / "f16-logits")
+    ids = _eval_ids(tok, ctx)
+    with hf_logits(tiny_llama) as hf:
+        ref = hf(ids)
+    with eng.open_model(out / "f16-logits", ctx) as fn:
+        got = fn(ids)
+        again = fn(ids[:64])  # a fresh sequence: no state carried over from the first
+    assert got.shape == ref.shape and got.dtype == np.float32
+    assert np.abs(got - ref).max() < 0.02  # measured 0.0013
+    np.testing.assert_allclose(again, got[:64], atol=1e-3)
+    # The tolerance is tight enough to see a GGUF without the permutation (measured 0.11).
+    assert np.abs(_hf_logits_unpermuted(tiny_llama, ids) - ref).max() > 0.05
+
+
+def _hf_logits_unpermuted(model: Path, ids: np.ndarray) -> np.ndarray:
+    """HF logits as a GGUF without llama.cpp's q/k permutation would give them."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    m = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
+    heads = (m.config.num_attention_heads, m.config.num_key_value_heads)
+    with torch.no_grad():
+        for layer in m.model.layers:
+            for proj, n in zip((layer.self_attn.q_proj, layer.self_attn.k_proj), heads):
+                w = proj.weight
+                w.copy_(w.reshape(n, w.shape[0] // n // 2, 2, w.shape[1]).swapaxes(1, 2).reshape(w.shape))
+        return m(torch.as_tensor(ids)[None]).logits[0].numpy()
+
+
+def test_imatrix_changes_the_quantization(tiny, toolchain, bindings):
+    from quantkit.evaluate import _log_softmax
+
+    ctx, tok, _, out = tiny
+    eng = gguf_engine.GGUFEngine()
+    ids = _eval_ids(tok, ctx)
+    logits = {}
+    for v in (variant("F16"), variant("Q2_K"), variant("Q2_K", imatrix=False)):
+        eng.build(v, ctx, out / f"im-{v.name}")
+        with eng.open_model(out / f"im-{v.name}", ctx) as fn:
+            logits[v.name] = _log_softmax(fn(ids))
+    p = logits["gguf-F16"]
+    kld = {k: float((np.exp(p) * (p - q)).sum(-1).mean()) for k, q in logits.items() if k != "gguf-F16"}
+    assert kld["gguf-Q2_K"] != kld["gguf-Q2_K-noimatrix"] and all(v > 0 for v in kld.values())
+
+
+def test_prepare_runs_types_in_parallel_and_build_moves_them(tiny, toolchain):
+    ctx, _, events, out = tiny
+    eng = gguf_engine.GGUFEngine(jobs=2)
+    vs = [variant("Q8_0"), variant("Q4_0"), variant("Q3_K_M")]
+    assert eng.prepare(vs, ctx) == {}
+    staged = [eng._stage_dir(v, ctx) for v in vs]
+    assert all(any(d.glob("*.gguf")) for d in staged)
+    for v in vs:
+        notes = eng.build(v, ctx, out / f"p-{v.name}")
+        assert (out / f"p-{v.name}" / notes["file"]).is_file()
+    assert not any(any(d.glob("*.gguf")) for d in staged)  # moved, not copied
+    # build() without a staged file quantizes on its own
+    assert eng.build(vs[0], ctx, out / "again")["file"] == "tiny-llama.Q8_0.gguf"
+
+
+def test_iq_without_imatrix_is_refused_others_kept(tiny, toolchain):
+    ctx, _, _, out = tiny
+    eng = gguf_engine.GGUFEngine()
+    bad, good = variant("IQ4_XS", imatrix=False), variant("Q4_0", imatrix=False)
+    failed = eng.prepare([bad, good], ctx)
+    assert list(failed) == [bad.name]
+    with pytest.raises(EngineError) as e:
+        eng.build(bad, ctx, out / "iq")
+    assert str(e.value) == ("gguf-IQ4_XS-noimatrix: gguf: IQ4_XS needs an importance matrix: "
+                            "set imatrix = true (or pick a K-quant such as Q4_K_M)")
+    assert not (out / "iq").exists()
+    assert eng.build(good, ctx, out / "q40")["file"] == "tiny-llama.Q4_0.gguf"
+
+
+def test_iq_with_imatrix_builds(tiny, toolchain):
+    ctx, _, _, out = tiny
+    notes = gguf_engine.GGUFEngine().build(variant("IQ4_XS"), ctx, out / "iq4xs")
+    assert notes["imatrix"] and notes["tensor_types"].get("IQ4_XS", 0) > 0
+
+
+def test_unknown_architecture_is_one_line(tiny_llama, tmp_path, toolchain):
+    model = tmp_path / "weird"
+    shutil.copytree(tiny_llama, model)
+    cfg = json.loads((model / "config.json").read_text())
+    cfg.update(architectures=["WeirdLMForCausalLM"], model_type="weirdlm")
+    (model / "config.json").write_text(json.dumps(cfg))
+    ctx, *_ = make_ctx(model, tmp_path / "work")
+    eng = gguf_engine.GGUFEngine()
+    failed = eng.prepare([variant("Q4_K_M"), variant("Q8_0")], ctx)
+    assert set(failed) == {"gguf-Q4_K_M", "gguf-Q8_0"}
+    with pytest.raises(EngineError) as e:
+        eng.build(variant("Q8_0"), ctx, tmp_path / "out")
+    assert str(e.value) == ("gguf-Q8_0: gguf: llama.cpp's converter does not support architecture "
+                            "WeirdLMForCausalLM")
+
+
+def test_imatrix_failure_fails_only_the_variants_that_need_it(tiny_llama, tmp_path, toolchain, monkeypatch):
+    ctx, *_ = make_ctx(tiny_llama, tmp_path / "work", name="tiny-llama")
+    calls = []
+
+    def broken(self, *a):
+        calls.append(1)
+        raise EngineError("gguf", "computing the importance matrix failed: boom")
+
+    monkeypatch.setattr(gguf_engine.GGUFEngine, "_compute_imatrix", broken)
+    eng = gguf_engine.GGUFEngine()
+    failed = eng.prepare([variant("Q4_K_M"), variant("IQ4_XS"), variant("Q8_0"), variant("Q4_0", False)], ctx)
+    assert failed == {n: f"{n}: gguf: computing the importance matrix failed: boom"
+                      for n in ("gguf-Q4_K_M", "gguf-IQ4_XS")}
+    assert calls == [1]  # tried once, reported by each variant that needs it
+    assert eng.build(variant("Q8_0"), ctx, tmp_path / "q8")["file"] == "tiny-llama.Q8_0.gguf"
+
+
+def test_full_disk_fails_that_variant_only(tiny, toolchain, monkeypatch):
+    ctx, _, _, out = tiny
+    eng = gguf_engine.GGUFEngine()
+    eng.base_gguf(ctx)
+    eng.imatrix(ctx)
+    real_free = gguf_engine._free
+    q8_dir = eng._stage_dir(variant("Q8_0"), ctx)
+    monkeypatch.setattr(gguf_engine, "_free", lambda p: 5 << 20 if p == q8_dir else real_free(p))
+    failed = eng.prepare([variant("Q8_0"), variant("Q4_0")], ctx)
+    assert list(failed) == ["gguf-Q8_0"]
+    assert failed["gguf-Q8_0"].startswith("gguf-Q8_0: gguf: disk full: Q8_0 needs")
+    assert eng.build(variant("Q4_0"), ctx, out / "disk-q40")["file"] == "tiny-llama.Q4_0.gguf"
+
+
+def test_write_error_on_a_full_disk_is_named(tiny, toolchain, monkeypatch, tmp_path):
+    """llama-quantize only says `iostream error`; with no space left the message says disk full."""
+    ctx, *_ = tiny
+    eng = gguf_engine.GGUFEngine()
+    eng.base_gguf(ctx)
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "tiny-llama.Q8_0.partial").symlink_to("/dev/full")  # writes fail: ENOSPC
+    monkeypatch.setattr(gguf_engine, "_need_space", lambda *a: None)
+    monkeypatch.setattr(gguf_engine, "_free", lambda p: 0)
+    with pytest.raises(EngineError) as e:
+        eng.build(variant("Q8_0"), ctx, tmp_path / "full")
+    assert str(e.value).startswith("gguf-Q8_0: gguf: disk full while quantizing to Q8_0 in ")
+    assert not (tmp_path / "full" / "tiny-llama.Q8_0.partial").exists()
+
+
+def test_missing_toolchain_is_one_line(tiny, monkeypatch, tmp_path):
+    ctx, *_ = tiny
+    monkeypatch.delenv("LLAMA_CPP_DIR", raising=False)
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    monkeypatch.setenv("QUANTKIT_CACHE", str(tmp_path))
+    eng = gguf_engine.GGUFEngine()
+    with pytest.raises(EngineUnavailable) as e:
+        eng.version()
+    assert llamacpp.BUILD_COMMAND in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(EngineUnavailable):
+        eng.build(variant("Q4_K_M"), ctx, tmp_path / "out")
+    with pytest.raises(EngineUnavailable):
+        eng.prepare([variant("Q4_K_M")], ctx)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_smollm2_f16_matches_hf_and_imatrix_helps(smollm2_2l, tmp_path, toolchain, bindings):
+    """Real weights (SmolLM2's first two layers): F16 logits match HF; the German imatrix
+    lowers KLD at Q2_K on held-out German text."""
+    from quantkit.evaluate import _log_softmax, hf_logits
+
+    ctx, tok, _ = make_ctx(smollm2_2l, tmp_path / "work", samples=8, seq_len=512)
+    eng = gguf_engine.GGUFEngine()
+    ids = _eval_ids(tok, ctx, 256)
+    with hf_logits(smollm2_2l) as hf:
+        ref = hf(ids)
+    out = {}
+    for v in (variant("BF16"), variant("Q2_K"), variant("Q2_K", imatrix=False)):
+        eng.build(v, ctx, tmp_path / v.name)
+        with eng.open_model(tmp_path / v.name, ctx) as fn:
+            out[v.name] = fn(ids)
+    assert np.abs(out["gguf-BF16"] - ref).max() < 1.0  # measured 0.28; without the q/k permutation 35
+    p = _log_softmax(ref)
+    kld = {k: float((np.exp(p) * (p - _log_softmax(q))).sum(-1).mean()) for k, q in out.items()}
+    assert kld["gguf-Q2_K"] < kld["gguf-Q2_K-noimatrix"]
