@@ -135,7 +135,10 @@ class _Inputs:
         def progress(task: str, done: int, total: int | None) -> None:
             self.report(Event("task", v.name, task, done, total))
 
-        return BuildContext(self.source, self.calib, self.work_dir, self.device, progress)
+        pub = self.plan.recipe.publish
+        return BuildContext(self.source, self.calib, self.work_dir, self.device, progress,
+                            model_name=self.plan.recipe.model.model_name,
+                            quantized_by=pub.quantized_by or pub.owner or "quantkit")
 
     def ensure_reference(self) -> tuple[EvalSet, Reference]:
         if self.reference is None:
@@ -193,6 +196,7 @@ def build(plan: Plan, *, only: list[str] | None = None, report: Reporter = _quie
                                "architecture": inputs.source.architecture, "quantkit_version": __version__})
     save_manifest(plan.out_dir, manifest)
     built, skipped, failed = [], [], {}
+    _prepare_engines(variants, inputs, manifest)
     for v in variants:
         try:
             manifest, did = _one_variant(v, inputs, manifest)
@@ -261,23 +265,49 @@ def _files_intact(folder: Path, rec: VariantRecord) -> bool:
         for f in rec.files if f.path != "README.md")
 
 
-def _one_variant(v: Variant, inputs: _Inputs, m: Manifest) -> tuple[Manifest, bool]:
+def _freshness(v: Variant, inputs: _Inputs, m: Manifest) -> tuple[str, str, VariantRecord | None, bool]:
+    """(engine version, cache key, record, whether the record's files are this key's and intact)."""
     engine = ENGINES[v.format]
     version = engine.version()
     key = cache_key(v, source_fingerprint=inputs.source.fingerprint, calib_sha256=inputs.calib.sha256,
                     engine=engine.name, engine_version=version)
     rec = m.variants.get(v.name)
+    fresh = rec is not None and rec.cache_key == key and _files_intact(inputs.plan.variant_dir(v), rec)
+    return version, key, rec, fresh
+
+
+def _prepare_engines(variants: tuple[Variant, ...], inputs: _Inputs, m: Manifest) -> None:
+    """Let engines with shared work do it once for the variants still to build.
+    Errors surface again from build() under each variant's name, so none is raised here."""
+    for fmt, engine in ENGINES.items():
+        prepare_fn = getattr(engine, "prepare", None)
+        if prepare_fn is None:
+            continue
+        try:
+            todo = [v for v in variants if v.format == fmt and not _freshness(v, inputs, m)[3]]
+            if todo:
+                inputs.report(Event("stage", task=f"{engine.name}: shared work for {len(todo)} variants"))
+                prepare_fn(todo, inputs.context(todo[0]))
+        except QuantkitError:
+            continue
+
+
+def _one_variant(v: Variant, inputs: _Inputs, m: Manifest) -> tuple[Manifest, bool]:
+    engine = ENGINES[v.format]
+    version, key, rec, fresh = _freshness(v, inputs, m)
     folder = inputs.plan.variant_dir(v)
-    fresh = rec is not None and rec.cache_key == key and _files_intact(folder, rec)
     if fresh and rec.at_least("evaluated"):
         inputs.report(Event("skip", v.name, message="up to date"))
         return m, False
     inputs.report(Event("start", v.name, message=f"{engine.name} ({version})"))
     if not (fresh and rec.at_least("built")):
         art = _build_files(v, inputs, engine, version)
+        notes = dict(art.notes)
+        # Engines that did the work in prepare() report their own time for it.
+        seconds = float(notes.get("quantize_seconds", art.seconds))
         rec = VariantRecord(v.format, v.branch, v.repo, "built", key, v.params_dict(), art.files,
-                            art.size_bytes, art.bits_per_weight, None, round(art.seconds, 2),
-                            engine.name, version, dict(art.notes))
+                            art.size_bytes, art.bits_per_weight, None, round(seconds, 2),
+                            engine.name, version, notes)
         m = m.with_variant(v.name, rec)
         save_manifest(inputs.plan.out_dir, m)
     assert rec is not None

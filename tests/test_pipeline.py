@@ -183,3 +183,18 @@ def test_doctor_lists_engines() -> None:
     assert res.exit_code == 0
     for part in ("torch", "engine gptq", "engine gguf", "engine exl2", "llama.cpp"):
         assert part in res.stdout
+
+
+def test_gguf_ladder_through_build(tiny_llama: Path, tmp_path: Path) -> None:
+    """Shared work once (convert, imatrix, parallel quantize), then one folder per type."""
+    recipe = _recipe(tmp_path, tiny_llama, '[[variants]]\nformat = "gguf"\nquant = ["Q8_0", "Q4_K_M", "Q2_K"]\n')
+    out = tmp_path / "build"
+    res = CliRunner().invoke(app, ["build", str(recipe), "--out", str(out)], env=_env())
+    assert res.exit_code == 0, res.output
+    m = load_manifest(out)
+    kld = {n: r.quality["kld"] for n, r in m.variants.items()}
+    assert kld["gguf-Q8_0"] < kld["gguf-Q4_K_M"] < kld["gguf-Q2_K"]
+    for name, rec in m.variants.items():
+        quant = name.split("-", 1)[1]
+        assert (out / name / f"tiny.{quant}.gguf").is_file()
+        assert rec.notes["imatrix"] == (quant != "Q8_0") and rec.seconds > 0  # Q8_0 ignores an imatrix

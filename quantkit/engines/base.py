@@ -41,6 +41,8 @@ class BuildContext:
     work_dir: Path  # scratch shared by the variants of one build (F16 GGUF, imatrix, ...)
     device: str  # "cuda" or "cpu"
     progress: ProgressFn
+    model_name: str = ""  # the recipe's model name, for file names and metadata
+    quantized_by: str = "quantkit"
 
 
 @dataclass(frozen=True)
@@ -82,6 +84,11 @@ class Engine(Protocol):
     def open_model(self, folder: Path, ctx: BuildContext) -> AbstractContextManager[LogitsFn]:
         """Load a built variant the way its users do and yield a logits function."""
         ...
+
+
+# An engine may also define `prepare(variants, ctx) -> {name: error}`: work shared by the
+# variants of one build, done before the per-variant loop (the GGUF engine converts once,
+# computes the imatrix once and quantizes all types in parallel there).
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
