@@ -30,7 +30,7 @@ from _common import ROOT, smollm2, table
 VARIANT = "gptq-{bits}bit-{gs}g-actorder_True"
 
 
-def recipe_text(model: Path, samples: int, seq_len: int, bits: int, gs: int) -> str:
+def recipe_text(model: Path, samples: int, seq_len: int, bits: int, gs: int, eval_tokens: int) -> str:
     return f'''[model]
 source = "{model}"
 name = "smollm2-overhead"
@@ -38,6 +38,10 @@ name = "smollm2-overhead"
 [calibration]
 samples = {samples}
 seq_len = {seq_len}
+
+[evaluation]
+tokens = {eval_tokens}
+ctx = 512
 
 [[variants]]
 format = "gptq"
@@ -121,6 +125,7 @@ def main() -> None:
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--group-size", type=int, default=64)
     ap.add_argument("--repeat", type=int, default=1)
+    ap.add_argument("--eval-tokens", type=int, default=2048, help="quantkit build's [evaluation] tokens")
     ap.add_argument("--direct", type=Path, help=argparse.SUPPRESS)  # internal: the direct child
     ap.add_argument("--dest", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--result", type=Path, help=argparse.SUPPRESS)
@@ -131,7 +136,7 @@ def main() -> None:
     model = (a.model or smollm2()).resolve()
     a.out.mkdir(parents=True, exist_ok=True)
     recipe = a.out / "recipe.toml"
-    recipe.write_text(recipe_text(model, a.samples, a.seq_len, a.bits, a.group_size))
+    recipe.write_text(recipe_text(model, a.samples, a.seq_len, a.bits, a.group_size, a.eval_tokens))
     name = VARIANT.format(bits=a.bits, gs=a.group_size)
     runs: dict[str, list[dict]] = {"direct": [], "quantkit": []}
     for i in range(a.repeat):

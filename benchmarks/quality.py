@@ -19,6 +19,7 @@ Usage: python benchmarks/quality.py [--awq] [--samples 128] [--seq-len 512] [--o
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import pickle
@@ -89,13 +90,15 @@ def make_calibration(model: Path, out: Path, samples: int, seq_len: int) -> dict
 # ---------------------------------------------------------------- one row (child process)
 
 
-def quantize_row(name: str, model: Path, out: Path, device: str) -> dict[str, Any]:
+def quantize_row(name: str, model: Path, out: Path, device: str, awq_samples: int | None) -> dict[str, Any]:
     """Runs in a child process: quantize one row into out/<name>/, return its timing."""
     kind, bits, gs, lang = ROWS[name]
     folder = out / name
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     calib = pickle.loads((out / f"calib-{lang}.pkl").read_bytes()) if lang != "-" else None
+    if kind == "awq" and awq_samples:  # AWQ's CPU time grows with the calibration tokens
+        calib = dataclasses.replace(calib, windows=calib.windows[:awq_samples])
     t0 = time.perf_counter()
     if kind == "direct":
         direct_gptqmodel(model, folder, calib.examples(), bits, gs, device)
@@ -107,7 +110,7 @@ def quantize_row(name: str, model: Path, out: Path, device: str) -> dict[str, An
     else:
         quantkit_engine(kind, model, folder, calib, bits, gs, device, out)
     seconds = time.perf_counter() - t0
-    res = {"seconds": seconds}
+    res = {"seconds": seconds, "windows": len(calib.windows) if calib else 0}
     try:
         import torch
 
@@ -150,10 +153,10 @@ def quantkit_engine(kind: str, model: Path, folder: Path, calib: Any, bits: int,
     ENGINES[kind].build(variant, ctx, folder)
 
 
-def run_child(name: str, model: Path, out: Path, device: str) -> dict[str, Any]:
+def run_child(name: str, model: Path, out: Path, device: str, awq_samples: int | None) -> dict[str, Any]:
     """Quantize a row in a fresh process; its rusage gives the peak RSS."""
     cmd = [sys.executable, __file__, "--row", name, "--model", str(model), "--out", str(out),
-           "--device", device]
+           "--device", device, *(["--awq-samples", str(awq_samples)] if awq_samples else [])]
     log = open(out / f"{name}.log", "w")  # noqa: SIM115
     p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
     _, status, usage = os.wait4(p.pid, 0)
@@ -230,7 +233,8 @@ def report(results: dict[str, dict], calib: dict[str, Any], device: str) -> str:
     rows = []
     for name, r in results.items():
         kind, bits, gs, lang = ROWS[name]
-        rows.append([name, {"de": "German", "en": "English", "-": "none"}[lang],
+        label = {"de": "German", "en": "English", "-": "none"}[lang]
+        rows.append([name, f"{label} ({r['windows']} w)" if r.get("windows") else label,
                      f"{r['weight_bytes'] / 2**20:.1f}", f"{r['bpw']:.2f}", f"{r['delta_ppl_pct']:+.2f}",
                      f"{r['kld']:.4f}", f"{r['top1']:.3f}", f"{r['seconds']:.0f}",
                      f"{r['peak_rss_bytes'] / 2**30:.2f}"])
@@ -288,13 +292,14 @@ def main() -> None:
     ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     ap.add_argument("--awq", action=argparse.BooleanOptionalAction, default=None,
                     help="include AWQ (default: only on CUDA; about an hour on 2 CPU cores)")
+    ap.add_argument("--awq-samples", type=int, help="AWQ on only the first N calibration windows")
     ap.add_argument("--only", nargs="*", choices=list(ROWS), help="measure only these rows")
     ap.add_argument("--fresh", action="store_true", help="re-measure rows already in --out")
     ap.add_argument("--row", help=argparse.SUPPRESS)  # internal: quantize one row in this process
     a = ap.parse_args()
     device = a.device if a.device != "auto" else _detect_device()
     if a.row:
-        res = quantize_row(a.row, a.model, a.out, device)
+        res = quantize_row(a.row, a.model, a.out, device, a.awq_samples)
         (a.out / f"{a.row}.result.json").write_text(json.dumps(res))
         return
     model = (a.model or smollm2()).resolve()
@@ -312,7 +317,8 @@ def main() -> None:
             results[name] = old
             continue
         print(f"{name}: quantizing ...", flush=True)
-        results[name] = {**run_child(name, model, a.out, device), "calib_sha256": sha, "device": device}
+        results[name] = {**run_child(name, model, a.out, device, a.awq_samples), "calib_sha256": sha,
+                         "device": device}
         (a.out / f"{name}.result.json").write_text(json.dumps(results[name], indent=2))
         print(f"{name}: {results[name]['seconds']:.0f} s", flush=True)
     evaluate_rows(names, model, a.out, device, a.eval_tokens, a.ctx, results)
