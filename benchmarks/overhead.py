@@ -52,7 +52,7 @@ damp = 0.1
 '''
 
 
-def direct(recipe_path: Path, dest: Path) -> dict:
+def direct(recipe_path: Path, dest: Path, dtype_name: str) -> dict:
     """Child process: quantkit's calibration windows (data only), then GPTQModel as its README shows."""
     from transformers import AutoTokenizer
 
@@ -72,10 +72,12 @@ def direct(recipe_path: Path, dest: Path) -> dict:
     cfg = GPTQConfig(bits=spec.bits, group_size=spec.group_size, desc_act=spec.act_order, sym=spec.sym,
                      damp_percent=spec.damp, true_sequential=spec.true_sequential)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    m = GPTQModel.load(src, cfg, device=device, dtype=torch.float16)
+    if dtype_name == "auto":  # what quantkit computes in for this bf16 model (fp16 is slow on CPUs)
+        dtype_name = "float16" if device == "cuda" else "bfloat16"
+    m = GPTQModel.load(src, cfg, device=device, dtype=getattr(torch, dtype_name))
     m.quantize(calib.examples(), batch_size=4)
     m.save(str(dest))
-    return {"quantize_seconds": time.perf_counter() - t0, "calib_sha256": calib.sha256}
+    return {"quantize_seconds": time.perf_counter() - t0, "calib_sha256": calib.sha256, "dtype": dtype_name}
 
 
 def quantkit_cli() -> list[str]:
@@ -92,18 +94,30 @@ def timed(cmd: list[str], log: Path) -> float:
     return time.perf_counter() - t0
 
 
-def sha(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+def packed_sha(folder: Path) -> str:
+    """Hash of the quantized tensors (qweight, qzeros, scales, g_idx): the direct call keeps
+    its compute dtype for embeddings and norms where quantkit stores fp16."""
+    import torch
+    from safetensors import safe_open
+
+    h = hashlib.sha256()
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as sf:
+            for k in sorted(sf.keys()):
+                if k.rsplit(".", 1)[-1] in ("qweight", "qzeros", "scales", "g_idx"):
+                    t = sf.get_tensor(k).contiguous()
+                    h.update(k.encode() + t.view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
-def run_direct(recipe: Path, out: Path, i: int) -> dict:
+def run_direct(recipe: Path, out: Path, i: int, dtype: str) -> dict:
     dest = out / f"direct-{i}"
     shutil.rmtree(dest, ignore_errors=True)
     res_file = out / f"direct-{i}.json"
     wall = timed([sys.executable, __file__, "--direct", str(recipe), "--dest", str(dest),
-                  "--result", str(res_file)], out / f"direct-{i}.log")
+                  "--result", str(res_file), "--direct-dtype", dtype], out / f"direct-{i}.log")
     res = json.loads(res_file.read_text())
-    return {**res, "wall": wall, "weights": sha(dest / "model.safetensors")}
+    return {**res, "wall": wall, "weights": packed_sha(dest)}
 
 
 def run_quantkit(recipe: Path, out: Path, i: int, name: str) -> dict:
@@ -113,7 +127,7 @@ def run_quantkit(recipe: Path, out: Path, i: int, name: str) -> dict:
     m = json.loads((dest / "manifest.json").read_text())
     v = m["variants"][name]
     return {"wall": wall, "quantize_seconds": v["seconds"], "calib_sha256": m.get("calibration", {}).get("sha256"),
-            "weights": sha(dest / name / "model.safetensors"), "quality": v.get("quality")}
+            "weights": packed_sha(dest / name), "quality": v.get("quality")}
 
 
 def main() -> None:
@@ -125,13 +139,15 @@ def main() -> None:
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--group-size", type=int, default=64)
     ap.add_argument("--repeat", type=int, default=1)
+    ap.add_argument("--direct-dtype", default="auto", choices=["auto", "float16", "bfloat16", "float32"],
+                    help="GPTQModel's compute dtype in the direct call (auto: quantkit's choice)")
     ap.add_argument("--eval-tokens", type=int, default=2048, help="quantkit build's [evaluation] tokens")
     ap.add_argument("--direct", type=Path, help=argparse.SUPPRESS)  # internal: the direct child
     ap.add_argument("--dest", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.direct:
-        a.result.write_text(json.dumps(direct(a.direct, a.dest)))
+        a.result.write_text(json.dumps(direct(a.direct, a.dest, a.direct_dtype)))
         return
     model = (a.model or smollm2()).resolve()
     a.out.mkdir(parents=True, exist_ok=True)
@@ -143,7 +159,7 @@ def main() -> None:
         order = ["direct", "quantkit"] if i % 2 == 0 else ["quantkit", "direct"]
         for kind in order:
             print(f"run {i + 1}/{a.repeat}: {kind} ...", flush=True)
-            r = run_direct(recipe, a.out, i) if kind == "direct" else run_quantkit(recipe, a.out, i, name)
+            r = run_direct(recipe, a.out, i, a.direct_dtype) if kind == "direct" else run_quantkit(recipe, a.out, i, name)
             runs[kind].append(r)
             print(f"  wall {r['wall']:.1f} s, quantize {r['quantize_seconds']:.1f} s", flush=True)
     print("\n" + report(runs, a))
@@ -153,7 +169,7 @@ def report(runs: dict[str, list[dict]], a: argparse.Namespace) -> str:
     med = {k: {f: statistics.median(r[f] for r in v) for f in ("wall", "quantize_seconds")}
            for k, v in runs.items()}
     d, q = med["direct"], med["quantkit"]
-    rows = [["GPTQModel direct", f"{d['quantize_seconds']:.1f}", f"{d['wall']:.1f}", "-"],
+    rows = [[f"GPTQModel direct ({runs['direct'][0]['dtype']})", f"{d['quantize_seconds']:.1f}", f"{d['wall']:.1f}", "-"],
             ["quantkit build", f"{q['quantize_seconds']:.1f}", f"{q['wall']:.1f}",
              f"{q['wall'] - q['quantize_seconds']:.1f}"]]
     same_calib = {r["calib_sha256"] for v in runs.values() for r in v}
@@ -167,7 +183,7 @@ def report(runs: dict[str, list[dict]], a: argparse.Namespace) -> str:
         f"(overhead {100 * (q['quantize_seconds'] / d['quantize_seconds'] - 1):+.1f} %, target < 5 %)",
         f"whole process: quantkit build / direct = {q['wall'] / d['wall']:.3f} (quantkit build also "
         f"evaluates: reference + variant logits, sizes, card)",
-        f"same calibration windows: {len(same_calib) == 1}; byte-identical weights: {len(same_weights) == 1}",
+        f"same calibration windows: {len(same_calib) == 1}; identical quantized tensors: {len(same_weights) == 1}",
         f"quantkit build quality: {qual}",
     ])
 
