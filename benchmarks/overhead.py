@@ -15,7 +15,6 @@ Usage: python benchmarks/overhead.py [--samples 128] [--seq-len 512] [--repeat 1
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
@@ -25,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from _common import ROOT, smollm2, table
+from _common import ROOT, packed_sha, smollm2, table
 
 VARIANT = "gptq-{bits}bit-{gs}g-actorder_True"
 
@@ -94,22 +93,6 @@ def timed(cmd: list[str], log: Path) -> float:
     return time.perf_counter() - t0
 
 
-def packed_sha(folder: Path) -> str:
-    """Hash of the quantized tensors (qweight, qzeros, scales, g_idx): the direct call keeps
-    its compute dtype for embeddings and norms where quantkit stores fp16."""
-    import torch
-    from safetensors import safe_open
-
-    h = hashlib.sha256()
-    for f in sorted(folder.glob("*.safetensors")):
-        with safe_open(str(f), "pt") as sf:
-            for k in sorted(sf.keys()):
-                if k.rsplit(".", 1)[-1] in ("qweight", "qzeros", "scales", "g_idx"):
-                    t = sf.get_tensor(k).contiguous()
-                    h.update(k.encode() + t.view(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
 def run_direct(recipe: Path, out: Path, i: int, dtype: str) -> dict:
     dest = out / f"direct-{i}"
     shutil.rmtree(dest, ignore_errors=True)
@@ -117,7 +100,7 @@ def run_direct(recipe: Path, out: Path, i: int, dtype: str) -> dict:
     wall = timed([sys.executable, __file__, "--direct", str(recipe), "--dest", str(dest),
                   "--result", str(res_file), "--direct-dtype", dtype], out / f"direct-{i}.log")
     res = json.loads(res_file.read_text())
-    return {**res, "wall": wall, "weights": packed_sha(dest)}
+    return {**res, "wall": wall, "weights": packed_sha(dest, with_dtype=False)}
 
 
 def run_quantkit(recipe: Path, out: Path, i: int, name: str) -> dict:
@@ -127,7 +110,7 @@ def run_quantkit(recipe: Path, out: Path, i: int, name: str) -> dict:
     m = json.loads((dest / "manifest.json").read_text())
     v = m["variants"][name]
     return {"wall": wall, "quantize_seconds": v["seconds"], "calib_sha256": m.get("calibration", {}).get("sha256"),
-            "weights": packed_sha(dest / name), "quality": v.get("quality")}
+            "weights": packed_sha(dest / name, with_dtype=False), "quality": v.get("quality")}
 
 
 def main() -> None:

@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _common import ROOT, smollm2, table
+from _common import ROOT, packed_sha, smollm2, table
 
 # name -> (kind, bits, group size, calibration); GPTQ rows use act_order, damp 0.1, sym.
 ROWS: dict[str, tuple[str, int, int, str]] = {
@@ -206,27 +206,6 @@ def evaluate_rows(names: list[str], model: Path, out: Path, device: str, eval_to
                  packed_sha256=packed_sha(folder))
         (out / f"{name}.result.json").write_text(json.dumps(r, indent=2))
         print(f"{name}: ΔPPL {q.delta_ppl_pct:+.2f} %  KLD {q.kld:.4f}  top-1 {q.top1:.3f}", flush=True)
-
-
-def packed_sha(folder: Path) -> str:
-    """Hash of the quantized tensors alone (qweight, qzeros, scales, g_idx): GPTQModel called
-    directly keeps bf16 embeddings where quantkit stores fp16, so whole files differ."""
-    import hashlib
-
-    import torch
-    from safetensors import safe_open
-
-    h = hashlib.sha256()
-    for f in sorted(folder.glob("*.safetensors")):
-        with safe_open(str(f), "pt") as sf:
-            for k in sorted(sf.keys()):
-                if k.rsplit(".", 1)[-1] in ("qweight", "qzeros", "scales", "g_idx"):
-                    t = sf.get_tensor(k).contiguous()
-                    h.update(k.encode() + str(t.dtype).encode() + t.view(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
-# ---------------------------------------------------------------- report
 
 
 def report(results: dict[str, dict], calib: dict[str, Any], device: str) -> str:
