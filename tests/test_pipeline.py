@@ -36,10 +36,14 @@ def _env() -> dict[str, str]:
     return {**os.environ, "GPTQMODEL_CPU_WORKERS": str(os.cpu_count() or 1), "PYTHONUNBUFFERED": "1"}
 
 
+def _build(recipe: Path, out: Path):
+    return CliRunner().invoke(app, ["build", str(recipe), "--out", str(out)], env=_env())
+
+
 def test_build_writes_manifest_and_skips_on_rerun(tiny_llama: Path, tmp_path: Path) -> None:
     recipe = _recipe(tmp_path, tiny_llama, '[[variants]]\nformat = "gptq"\nbits = [4, 8]\ngroup_size = 32\n')
     out = tmp_path / "build"
-    res = CliRunner().invoke(app, ["build", str(recipe), "--out", str(out)], env=_env())
+    res = _build(recipe, out)
     assert res.exit_code == 0, res.output
     m = load_manifest(out)
     assert m is not None and set(m.variants) == {"gptq-4bit-32g-actorder_True", "gptq-8bit-32g-actorder_True"}
@@ -55,7 +59,7 @@ def test_build_writes_manifest_and_skips_on_rerun(tiny_llama: Path, tmp_path: Pa
     assert q8["kld"] < q4["kld"]
     assert m.variants["gptq-8bit-32g-actorder_True"].bits_per_weight > m.variants["gptq-4bit-32g-actorder_True"].bits_per_weight
     before = {f: (out / n / f.path).stat().st_mtime_ns for n, r in m.variants.items() for f in r.files}
-    again = CliRunner().invoke(app, ["build", str(recipe), "--out", str(out)], env=_env())
+    again = _build(recipe, out)
     assert again.exit_code == 0, again.output
     assert again.stderr.count("up to date") == 2
     m2 = load_manifest(out)
@@ -113,7 +117,7 @@ def test_failed_variant_is_recorded_and_others_kept(tiny_llama: Path, tmp_path: 
     recipe = _recipe(tmp_path, tiny_llama, '[[variants]]\nformat = "exl2"\nbpw = 4.0\n'
                      '[[variants]]\nformat = "gptq"\nbits = 4\ngroup_size = 32\n')
     out = tmp_path / "build"
-    res = CliRunner().invoke(app, ["build", str(recipe), "--out", str(out)], env=_env())
+    res = _build(recipe, out)
     m = load_manifest(out)
     assert m is not None
     if m.variants["exl2-4.0bpw"].state != "failed":  # a CUDA machine with exllamav2 built it
@@ -135,7 +139,7 @@ def test_build_then_publish_then_republish_nothing(tiny_llama: Path, tmp_path: P
     recipe = _recipe(tmp_path, tiny_llama, '[[variants]]\nformat = "gptq"\nbits = [4, 8]\ngroup_size = 32\n')
     out = tmp_path / "build"
     runner = CliRunner()
-    assert runner.invoke(app, ["build", str(recipe), "--out", str(out)], env=_env()).exit_code == 0
+    assert _build(recipe, out).exit_code == 0
     dry = runner.invoke(app, ["publish", str(recipe), "--out", str(out), "--dry-run"])
     assert dry.exit_code == 0, dry.output
     assert "model.safetensors" in dry.stdout and not hub.requests("POST", "/commit/")
@@ -157,7 +161,7 @@ def test_eval_and_card_commands_reuse_the_build(tiny_llama: Path, tmp_path: Path
     out = tmp_path / "build"
     runner = CliRunner()
     assert runner.invoke(app, ["card", str(recipe), "--out", str(out)]).exit_code == 1  # nothing built
-    assert runner.invoke(app, ["build", str(recipe), "--out", str(out)], env=_env()).exit_code == 0
+    assert _build(recipe, out).exit_code == 0
     name = "gptq-8bit-32g-actorder_True"
     q = load_manifest(out).variants[name].quality
     (out / name / "README.md").unlink()
@@ -189,7 +193,7 @@ def test_gguf_ladder_through_build(tiny_llama: Path, tmp_path: Path) -> None:
     """Shared work once (convert, imatrix, parallel quantize), then one folder per type."""
     recipe = _recipe(tmp_path, tiny_llama, '[[variants]]\nformat = "gguf"\nquant = ["Q8_0", "Q4_K_M", "Q2_K"]\n')
     out = tmp_path / "build"
-    res = CliRunner().invoke(app, ["build", str(recipe), "--out", str(out)], env=_env())
+    res = _build(recipe, out)
     assert res.exit_code == 0, res.output
     m = load_manifest(out)
     kld = {n: r.quality["kld"] for n, r in m.variants.items()}
