@@ -292,12 +292,14 @@ def main() -> None:
         sha = calib[lang].sha256 if lang in calib else "-"
         prev = a.out / f"{name}.result.json"
         old = json.loads(prev.read_text()) if prev.is_file() and not a.fresh else {}
-        if "peak_rss_bytes" in old and old.get("calib_sha256") == sha and old.get("device") == device:
+        # --awq-samples changes what the AWQ row is calibrated on: part of its key.
+        limit = a.awq_samples if ROWS[name][0] == "awq" else None
+        key = {"calib_sha256": sha, "device": device, "sample_limit": limit}
+        if "peak_rss_bytes" in old and all(old.get(k) == v for k, v in key.items()):
             results[name] = old
             continue
         print(f"{name}: quantizing ...", flush=True)
-        results[name] = {**run_child(name, model, a.out, device, a.awq_samples), "calib_sha256": sha,
-                         "device": device}
+        results[name] = {**run_child(name, model, a.out, device, a.awq_samples), **key}
         (a.out / f"{name}.result.json").write_text(json.dumps(results[name], indent=2))
         print(f"{name}: {results[name]['seconds']:.0f} s", flush=True)
     evaluate_rows(names, model, a.out, device, a.eval_tokens, a.ctx, results)

@@ -128,6 +128,39 @@ def test_failed_variant_is_recorded_and_others_kept(tiny_llama: Path, tmp_path: 
     assert m.variants["gptq-4bit-32g-actorder_True"].state in ("evaluated", "carded")
 
 
+def test_out_of_memory_marks_the_variant_failed_and_keeps_the_others(
+        tiny_llama: Path, tmp_path: Path, monkeypatch) -> None:
+    """GPTQModel running out of GPU memory in the 8-bit variant (raised where its quantize
+    loop would raise it): that variant is failed with the reason, the 4-bit one lands, and
+    a re-run builds only the failed one."""
+    import torch
+    from gptqmodel.models.base import BaseQModel
+
+    real = BaseQModel.quantize
+
+    def quantize(self, *a, **kw):
+        if self.quantize_config.bits == 8:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(self, *a, **kw)
+
+    recipe = _recipe(tmp_path, tiny_llama, '[[variants]]\nformat = "gptq"\nbits = [4, 8]\ngroup_size = 32\n')
+    out = tmp_path / "build"
+    with monkeypatch.context() as mp:
+        mp.setattr(BaseQModel, "quantize", quantize)
+        res = _build(recipe, out)
+    assert res.exit_code == 1, res.output
+    m = load_manifest(out)
+    assert m is not None
+    failed = m.variants["gptq-8bit-32g-actorder_True"]
+    assert failed.state == "failed" and failed.error.startswith("out of memory: CUDA out of memory")
+    assert "gptq-8bit-32g-actorder_True failed: out of memory" in res.stderr
+    assert m.variants["gptq-4bit-32g-actorder_True"].state in ("evaluated", "carded")
+    again = _build(recipe, out)  # "after freeing memory"
+    assert again.exit_code == 0, again.output
+    assert again.stderr.count("up to date") == 1
+    assert load_manifest(out).variants["gptq-8bit-32g-actorder_True"].state in ("evaluated", "carded")
+
+
 def test_only_selects_variants_and_rejects_unknown(tiny_llama: Path, tmp_path: Path) -> None:
     recipe = _recipe(tmp_path, tiny_llama, THREE_GPTQ)
     res = CliRunner().invoke(app, ["build", str(recipe), "--out", str(tmp_path / "b"), "--only", "nope"])

@@ -223,7 +223,7 @@ def run(job: QuantJob, out_dir: Path, progress: ProgressFn, log_path: Path | Non
             model.quantize(job.examples, batch_size=job.batch_size, backend=BACKEND[job.backend])
             report("save", 0, None)
             model.save(str(out_dir))
-    except MemoryError:
+    except (MemoryError, torch.OutOfMemoryError):  # the pipeline reports these as out of memory
         raise
     except Exception as e:  # noqa: BLE001 - GPTQModel raises anything from anywhere
         where = f" (GPTQModel log: {log_path})" if log_path else ""
