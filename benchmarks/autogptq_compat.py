@@ -9,6 +9,13 @@ The GPTQ folder (default: a 4-bit-64g build of the tiny test Llama made here) is
 CPU by AutoGPTQ.from_quantized in that environment and by transformers+GPTQModel in this
 one; both score the same token ids and the logits are compared.
 
+Tied embeddings (SmolLM2): AutoGPTQ 0.7.1's CPU loader leaves embed_tokens and lm_head at
+zero for every tied model (accelerate's load_checkpoint_in_model with device_map
+{"": "cpu"} and a tied lm_head missing from the file, the standard layout; the same steps
+on a plain fp16 model show it, under transformers 4.40 and 4.57, accelerate 0.27 to 1.15).
+That reading is reported, then the embedding is put back from the same file and the
+quantized layers are compared.
+
 Usage: python benchmarks/autogptq_compat.py [--folder GPTQ_DIR] [--venv DIR]
 """
 
@@ -30,17 +37,34 @@ PINS = ["transformers==4.57.*", "auto-gptq==0.7.1", "peft<0.14", "datasets<4.5",
         "accelerate", "safetensors", "sentencepiece", "protobuf", "numpy<2.3"]
 
 CHILD = r'''
-import json, sys, numpy as np, torch, transformers, auto_gptq
+import glob, json, sys, numpy as np, torch, transformers, auto_gptq
 from auto_gptq import AutoGPTQForCausalLM
+from safetensors import safe_open
 folder, ids_path, out_path = sys.argv[1:4]
 m = AutoGPTQForCausalLM.from_quantized(folder, device="cpu", use_safetensors=True, use_triton=False,
         disable_exllama=True, disable_exllamav2=True, inject_fused_attention=False,
         inject_fused_mlp=False, model_basename="model")
 ids = torch.as_tensor(np.load(ids_path), dtype=torch.long)
-with torch.inference_mode():
-    logits = torch.cat([m(input_ids=row[None]).logits[0].float() for row in ids])
-np.save(out_path, logits.numpy())
-print(json.dumps({"auto_gptq": auto_gptq.__version__, "transformers": transformers.__version__,
+
+def logits():
+    with torch.inference_mode():
+        return torch.cat([m(input_ids=row[None]).logits[0].float() for row in ids]).numpy()
+
+# AutoGPTQ 0.7.1 on CPU (device_map {"": "cpu"}, offload_state_dict) never fills a tied
+# embedding: lm_head and embed_tokens come out as zeros for any tied model, quantized by
+# anyone. Measure as loaded, then with the embedding put back from the same file.
+emb = m.model.get_input_embeddings().weight
+tied = bool(m.model.config.tie_word_embeddings)
+info = {"tied": tied, "embedding_loaded": bool(emb.abs().max() > 0)}
+if tied and not info["embedding_loaded"]:
+    np.save(out_path.replace(".npy", "-as-loaded.npy"), logits())
+    for f in glob.glob(folder + "/*.safetensors"):
+        with safe_open(f, "pt") as sf:
+            if "model.embed_tokens.weight" in sf.keys():
+                emb.data.copy_(sf.get_tensor("model.embed_tokens.weight"))
+    m.model.tie_weights()
+np.save(out_path, logits())
+print(json.dumps({**info, "auto_gptq": auto_gptq.__version__, "transformers": transformers.__version__,
                   "torch": torch.__version__, "qlinear": type(m.model.model.layers[0].self_attn.q_proj).__module__}))
 '''
 
@@ -120,6 +144,12 @@ def main() -> None:
     print(f"folder: {folder}")
     print(f"AutoGPTQ {info['auto_gptq']} (transformers {info['transformers']}, torch {info['torch']}, "
           f"kernel {info['qlinear']}) loaded it on CPU")
+    if not info["embedding_loaded"]:
+        raw = np.load(tmp / "ag-as-loaded.npy")
+        print(f"tied embeddings: AutoGPTQ left embed_tokens/lm_head at zero (its CPU loader does this to "
+              f"every tied model); as loaded: KLD {kl(ours, raw):.2e}, top-1 agreement "
+              f"{float((ours.argmax(-1) == raw.argmax(-1)).mean()):.4f}. With the embedding put back from "
+              f"the same file:")
     print(f"AutoGPTQ vs transformers {__import__('transformers').__version__} + GPTQModel on {ours.shape[0]} "
           f"positions: KLD {between:.2e}, max |logit diff| {np.abs(ours - theirs).max():.4f}, "
           f"top-1 agreement {top1:.4f}")

@@ -7,7 +7,7 @@ Rows (group size 64: 128 does not divide SmolLM2's width 576):
   gptq-4bit-32g      German calibration
   gptq-8bit-64g      German calibration
   direct-4bit-64g    GPTQModel called directly, the same German windows and settings
-  awq-4bit-64g       quantkit's AWQ engine (about an hour on 2 CPU cores: --awq; on by default on CUDA)
+  awq-4bit-64g       quantkit's AWQ engine (about 28 min on 2 CPU cores: --awq; on by default on CUDA)
 
 Each row is quantized in its own process (its seconds and peak RSS are its own), reloaded
 through transformers and scored with quantkit.evaluate against the unquantized model.
@@ -240,6 +240,10 @@ def checks(r: dict[str, dict]) -> list[str]:
         verdict = ("met" if g / rtn <= 0.65 else "MISSED") if rtn > 0 else "not meaningful (RTN ΔPPL <= 0)"
         out.append(f"GPTQ 4bit-64g ΔPPL / RTN 4bit-64g ΔPPL = {g / rtn:.3f} (target <= 0.65): {verdict}; "
                    f"KLD ratio {r['gptq-4bit-64g']['kld'] / r['rtn-4bit-64g']['kld']:.3f}")
+    if have("awq-4bit-64g", "rtn-4bit-64g"):
+        a, rtn = r["awq-4bit-64g"], r["rtn-4bit-64g"]
+        out.append(f"AWQ 4bit-64g ΔPPL / RTN 4bit-64g ΔPPL = {a['delta_ppl_pct'] / rtn['delta_ppl_pct']:.3f}; "
+                   f"KLD {a['kld']:.4f} vs RTN {rtn['kld']:.4f}")
     if have("gptq-8bit-64g"):
         d = r["gptq-8bit-64g"]["delta_ppl_pct"]
         out.append(f"GPTQ 8bit-64g ΔPPL = {d:+.3f} % (target |ΔPPL| < 1 %): {'met' if abs(d) < 1 else 'MISSED'}")
@@ -270,7 +274,7 @@ def main() -> None:
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     ap.add_argument("--awq", action=argparse.BooleanOptionalAction, default=None,
-                    help="include AWQ (default: only on CUDA; about an hour on 2 CPU cores)")
+                    help="include AWQ (default: only on CUDA; about 28 min on 2 CPU cores)")
     ap.add_argument("--awq-samples", type=int, help="AWQ on only the first N calibration windows")
     ap.add_argument("--only", nargs="*", choices=list(ROWS), help="measure only these rows")
     ap.add_argument("--fresh", action="store_true", help="re-measure rows already in --out")

@@ -52,12 +52,28 @@ def test_writes_gptq_v1_with_source_tokenizer(built: dict, bench: Bench) -> None
         assert "offload_to_disk_path" not in (folder / f).read_text()
     for f in SIDE_FILES:  # copied from the source as they are, not re-saved by GPTQModel
         assert (folder / f).read_bytes() == (bench.source / f).read_bytes(), f
-    assert json.loads((folder / "config.json").read_text())["dtype"] == "float16"
+    cfg = json.loads((folder / "config.json").read_text())
+    assert cfg["dtype"] == cfg["torch_dtype"] == "float16"
+    # transformers-4 readers (AutoGPTQ, ExLlama, older vLLM/TGI) need the flat RoPE key
+    assert cfg["rope_theta"] == cfg["rope_parameters"]["rope_theta"]
     assert float_dtypes(folder / "model.safetensors") == {"F16"}  # computed in fp32 here, saved fp16
     assert notes["quantizer"].startswith("gptqmodel ") and notes["device"] == "cpu"
     assert notes["calibration_samples"] == 8 and notes["calibration_seq_len"] == 256
     assert notes["quantized_modules"] == 14  # 7 Linear layers x 2 decoder layers
     assert (bench.work / "gptq-4bit-64g-actorder_True.quant_log.csv").is_file()
+
+
+def test_legacy_rope_keys_for_transformers_4_readers() -> None:
+    """Llama-3-style scaling: the flat keys transformers 4 reads, next to rope_parameters."""
+    from transformers import LlamaConfig
+
+    rp = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+          "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    cfg = gm.with_legacy_rope({"model_type": "llama", "rope_parameters": rp})
+    assert cfg["rope_theta"] == 500000.0
+    assert cfg["rope_scaling"] == {k: v for k, v in rp.items() if k != "rope_theta"}
+    assert LlamaConfig(**cfg).rope_parameters == rp  # transformers 5 reads the same settings back
+    assert gm.with_legacy_rope({"model_type": "x"}) == {"model_type": "x"}
 
 
 def float_dtypes(path: Path) -> set[str]:

@@ -288,13 +288,27 @@ def to_save_dtype(folder: Path) -> None:
         sizes[f.name] = sum(t.numel() * t.element_size() for t in cast.values())
         del tensors, cast
     cfg = _read_json(folder / "config.json")
-    cfg.update({k: SAVE_DTYPE for k in ("dtype", "torch_dtype") if k in cfg or k == "dtype"})
-    _write_json(folder / "config.json", cfg)
+    cfg.update(dtype=SAVE_DTYPE, torch_dtype=SAVE_DTYPE)  # torch_dtype: what transformers 4 reads
+    _write_json(folder / "config.json", with_legacy_rope(cfg))
     index = folder / "model.safetensors.index.json"
     if index.is_file():
         doc = _read_json(index)
         doc.setdefault("metadata", {})["total_size"] = sum(sizes.values())
         _write_json(index, doc)
+
+
+def with_legacy_rope(cfg: dict[str, Any]) -> dict[str, Any]:
+    """transformers 5 writes RoPE settings only as `rope_parameters`; transformers 4, AutoGPTQ,
+    ExLlama and older vLLM/TGI read `rope_theta` / `rope_scaling` and silently fall back to
+    theta 10000 without them (SmolLM2's is 100000: KLD 0.2 in AutoGPTQ). Write both forms;
+    transformers 5 prefers `rope_parameters`."""
+    rp = cfg.get("rope_parameters")
+    if not isinstance(rp, dict) or "rope_theta" not in rp:  # absent, or nested per layer type
+        return cfg
+    out = {**cfg, "rope_theta": rp["rope_theta"]}
+    if rp.get("rope_type", "default") != "default":
+        out["rope_scaling"] = {k: v for k, v in rp.items() if k != "rope_theta"}
+    return out
 
 
 def _read_json(path: Path) -> dict[str, Any]:
