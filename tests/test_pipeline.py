@@ -29,6 +29,7 @@ def _recipe(tmp_path: Path, model: Path, variants: str) -> Path:
     return r
 
 
+TWO_GPTQ = '[[variants]]\nformat = "gptq"\nbits = [4, 8]\ngroup_size = 32\n'
 THREE_GPTQ = ('[[variants]]\nformat = "gptq"\nbits = [4, 8, 3]\ngroup_size = 32\n')
 
 
@@ -41,7 +42,7 @@ def _build(recipe: Path, out: Path):
 
 
 def test_build_writes_manifest_and_skips_on_rerun(tiny_llama: Path, tmp_path: Path) -> None:
-    recipe = _recipe(tmp_path, tiny_llama, '[[variants]]\nformat = "gptq"\nbits = [4, 8]\ngroup_size = 32\n')
+    recipe = _recipe(tmp_path, tiny_llama, TWO_GPTQ)
     out = tmp_path / "build"
     res = _build(recipe, out)
     assert res.exit_code == 0, res.output
@@ -143,7 +144,7 @@ def test_out_of_memory_marks_the_variant_failed_and_keeps_the_others(
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return real(self, *a, **kw)
 
-    recipe = _recipe(tmp_path, tiny_llama, '[[variants]]\nformat = "gptq"\nbits = [4, 8]\ngroup_size = 32\n')
+    recipe = _recipe(tmp_path, tiny_llama, TWO_GPTQ)
     out = tmp_path / "build"
     with monkeypatch.context() as mp:
         mp.setattr(BaseQModel, "quantize", quantize)
@@ -169,7 +170,7 @@ def test_only_selects_variants_and_rejects_unknown(tiny_llama: Path, tmp_path: P
 
 def test_build_then_publish_then_republish_nothing(tiny_llama: Path, tmp_path: Path, hub) -> None:
     """The real pipeline's output goes to the (local) Hub; a re-run commits and uploads nothing."""
-    recipe = _recipe(tmp_path, tiny_llama, '[[variants]]\nformat = "gptq"\nbits = [4, 8]\ngroup_size = 32\n')
+    recipe = _recipe(tmp_path, tiny_llama, TWO_GPTQ)
     out = tmp_path / "build"
     runner = CliRunner()
     assert _build(recipe, out).exit_code == 0

@@ -266,6 +266,7 @@ def finish_folder(out_dir: Path, source: Path, *, log_dir: Path | None = None,
     for name in ENGINE_FILES:
         _scrub_local_paths(out_dir / name)
     to_save_dtype(out_dir)
+    _write_json(out_dir / "config.json", with_legacy_rope(_read_json(out_dir / "config.json")))
     return notes
 
 
@@ -289,7 +290,7 @@ def to_save_dtype(folder: Path) -> None:
         del tensors, cast
     cfg = _read_json(folder / "config.json")
     cfg.update(dtype=SAVE_DTYPE, torch_dtype=SAVE_DTYPE)  # torch_dtype: what transformers 4 reads
-    _write_json(folder / "config.json", with_legacy_rope(cfg))
+    _write_json(folder / "config.json", cfg)
     index = folder / "model.safetensors.index.json"
     if index.is_file():
         doc = _read_json(index)
