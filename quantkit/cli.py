@@ -24,7 +24,7 @@ from rich.table import Table
 
 from . import __version__
 from .errors import (BuildFailed, CalibrationError, EngineError, EngineUnavailable, EvalError, ManifestError,
-                     PublishError, QuantkitError, RecipeError, SourceError)
+                     Problem, PublishError, QuantkitError, RecipeError, ResourceError, SourceError)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Quantize and convert LLMs from one recipe: GPTQ, AWQ, GGUF, EXL2.")
@@ -37,6 +37,7 @@ EXIT_CODES: list[tuple[type[QuantkitError], int]] = [
     (RecipeError, 2),  # bad recipe: fix the file
     (CalibrationError, 2),  # bad or missing calibration data
     (SourceError, 2),  # source model missing or unreadable
+    (ResourceError, 2),  # the machine cannot hold the build: fewer variants, or another machine
     (EngineUnavailable, 3),  # engine or toolchain not installed here
     (PublishError, 4),  # the Hub refused or could not be reached
     (BuildFailed, 1),  # some variants failed; the others are kept
@@ -80,25 +81,69 @@ def _plan(recipe: Path, out_dir: Path | None = None):
 # ---------------------------------------------------------------- plan
 
 
+MachineOpt = Annotated[str, typer.Option("--machine", help="Estimate for: 'this' machine, or 'h100' (one H100 80GB server).")]
+
+
 @app.command()
 def plan(recipe: RecipeArg,
-         as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False) -> None:
-    """Show the variants a recipe expands to, without doing any work."""
+         as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+         machine: MachineOpt = "this") -> None:
+    """Show the variants a recipe expands to and what building them needs, without doing any work."""
     p = _run(lambda: _plan(recipe))
+    rp, why = _resources(p, machine)
     if as_json:
+        res = rp.as_dict() if rp else None
         rows = [{"name": v.name, "format": v.format, "repo": v.repo, "branch": v.branch,
-                 "params": v.params_dict()} for v in p.variants]
-        print(json.dumps({"variants": rows}, indent=2))
+                 "params": v.params_dict(), **({"resources": res["variants"][v.name]} if res else {})}
+                for v in p.variants]
+        print(json.dumps({"variants": rows, "resources": res and {k: res[k] for k in res if k != "variants"}},
+                         indent=2))
         return
     out.print(f"{p.recipe.model.model_name}: {len(p.variants)} variants → {p.out_dir}")
     for repo in dict.fromkeys(v.repo for v in p.variants):
         t = Table(title=repo)
-        t.add_column("variant", no_wrap=True)
-        t.add_column("branch", no_wrap=True)
-        t.add_column("other settings", overflow="fold")
+        for col in ("variant", "branch", "other settings", "peak RAM", "GPU mem", "disk", "time"):
+            t.add_column(col, no_wrap=col != "other settings", overflow="fold",
+                         justify="right" if col in ("peak RAM", "GPU mem", "disk", "time") else "left")
         for v in (v for v in p.variants if v.repo == repo):
-            t.add_row(v.name, v.branch, _other_settings(v))
+            t.add_row(v.name, v.branch, _other_settings(v), *_resource_cells(rp.variants[v.name] if rp else None))
         out.print(t)
+    _print_build_estimate(rp, why)
+
+
+def _resources(p: Any, machine: str) -> tuple[Any, str]:
+    """The resource plan, or None and why not (an unreadable config does not stop `plan`)."""
+    from .resources import MACHINES, plan_resources
+
+    if machine != "this" and machine not in MACHINES:
+        raise _fail(RecipeError("quantkit plan", [Problem("--machine", f"unknown machine {machine!r}; "
+                                                       f"known: this, {', '.join(MACHINES)}")]))
+    try:
+        return plan_resources(p, MACHINES.get(machine)), ""
+    except (QuantkitError, KeyError, ValueError) as e:
+        return None, str(e)
+
+
+def _resource_cells(e: Any) -> tuple[str, ...]:
+    if e is None:
+        return ("?",) * 4
+    return (_size(e.ram), _size(e.vram) if e.vram else "-", _size(e.disk), _duration(e.seconds))
+
+
+def _duration(s: float) -> str:
+    return f"{s / 3600:.1f} h" if s >= 5400 else f"{s / 60:.0f} min" if s >= 90 else f"{s:.0f} s"
+
+
+def _print_build_estimate(rp: Any, why: str) -> None:
+    if rp is None:
+        err.print(f"• resources: not estimated ({escape(why)})")
+        return
+    b, m = rp.build, rp.machine
+    out.print(f"build on {m.name} ({m.cores} cores, {m.ram / 1e9:.0f} GB RAM+swap"
+              + (f", {m.gpu}" if m.gpu else "") + f"): peak RAM {_size(b.ram)} ({b.stage}), "
+              + (f"GPU memory {_size(b.vram)}, " if b.vram else "") + f"disk {_size(b.disk)}, "
+              f"time {_duration(b.seconds)}; model {rp.shape.params / 1e9:.2f}B parameters, "
+              f"{_size(rp.shape.bf16_bytes)} in bf16")
 
 
 # Settings the variant name already shows, per format.
@@ -207,7 +252,7 @@ def _quiet_libraries() -> None:
         pass
 
 
-def _build_one(recipe: Path, out_dir: Path | None, only: list[str] | None):
+def _build_one(recipe: Path, out_dir: Path | None, only: list[str] | None, preflight: bool = True):
     from . import pipeline
 
     _quiet_libraries()
@@ -215,14 +260,18 @@ def _build_one(recipe: Path, out_dir: Path | None, only: list[str] | None):
     if p.recipe.calibration.dataset is None:
         err.print("• calibration: the German sample shipped in calibration/ (no \\[calibration] dataset set)")
     with _progress() as rep:
-        res = pipeline.build(p, only=only, report=rep)
+        res = pipeline.build(p, only=only, report=rep, preflight=preflight)
     return p, res
 
 
+NoPreflightOpt = Annotated[bool, typer.Option("--no-preflight", help="Build even when the resource plan says "
+                                              "this machine lacks the RAM or disk.")]
+
+
 @app.command()
-def build(recipe: RecipeArg, out_dir: OutOpt = None, only: OnlyOpt = None) -> None:
+def build(recipe: RecipeArg, out_dir: OutOpt = None, only: OnlyOpt = None, no_preflight: NoPreflightOpt = False) -> None:
     """Calibrate, quantize, evaluate, size and write cards for every variant."""
-    p, res = _run(lambda: _build_one(recipe, out_dir, only))
+    p, res = _run(lambda: _build_one(recipe, out_dir, only, not no_preflight))
     out.print(_summary(res.manifest, [v.name for v in p.select(only)]))
     out.print(f"manifest: {p.out_dir / 'manifest.json'}")
     if res.failed:

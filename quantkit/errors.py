@@ -85,3 +85,12 @@ class BuildFailed(QuantkitError):
     def __init__(self, failures: dict[str, str]):
         self.failures = failures
         super().__init__(", ".join(f"{k}: {v}" for k, v in failures.items()))
+
+
+class ResourceError(QuantkitError):
+    """The machine cannot meet the build's resource plan (RAM, disk, GPU memory)."""
+
+    def __init__(self, what: str, reason: str):
+        self.what = what
+        self.reason = reason
+        super().__init__(f"{what}: {reason}")

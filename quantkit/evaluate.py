@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,11 +75,21 @@ def _log_softmax(logits: np.ndarray) -> np.ndarray:
     return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
 
 
-def _scored_logprobs(es: EvalSet, fn: LogitsFn, i: int) -> np.ndarray:
-    logits = np.asarray(fn(es.chunks[i]))
-    if logits.shape[0] != es.ctx:
-        raise EvalError("model", f"logits for {logits.shape[0]} positions, expected {es.ctx}")
-    return _log_softmax(logits[es.first_scored:es.ctx - 1])
+def chunk_rows(es: EvalSet, fn: LogitsFn) -> Iterator[np.ndarray]:
+    """Logits of the scored positions of every chunk, from a per-chunk logits function."""
+    for i in range(len(es.chunks)):
+        logits = np.asarray(fn(es.chunks[i]))
+        if logits.shape[0] != es.ctx:
+            raise EvalError("model", f"logits for {logits.shape[0]} positions, expected {es.ctx}")
+        yield logits[es.first_scored:es.ctx - 1]
+
+
+def streamed_rows(es: EvalSet, path: Path, *, dtype: str = "float32", device: str = "cpu") -> Iterator[np.ndarray]:
+    """The same rows from the unquantized checkpoint, one block of weights in memory at a time."""
+    from .streaming import streamed_logits
+
+    for logits in streamed_logits(path, es.chunks, es.ctx - es.first_scored, dtype=dtype, device=device):
+        yield logits[:-1]  # the last position predicts past the chunk: not scored
 
 
 @dataclass(frozen=True, eq=False)
@@ -90,24 +100,26 @@ class Reference:
     ppl: float
 
 
-def compute_reference(es: EvalSet, fn: LogitsFn, cache: Path,
+def compute_reference(es: EvalSet, rows: LogitsFn | Iterable[np.ndarray], cache: Path,
                       progress: ChunkProgress | None = None) -> Reference:
-    """Run the reference once per eval set; the cache file is keyed by the caller."""
+    """Run the reference once per eval set; the cache file is keyed by the caller.
+    `rows`: a logits function, or the scored rows of every chunk (chunk_rows, streamed_rows)."""
     if cache.is_file():
         lp = np.load(cache, mmap_mode="r")
         return Reference(lp, _ppl(es, lp))
     tmp = cache.with_suffix(".partial.npy")
     cache.parent.mkdir(parents=True, exist_ok=True)
     out = None
-    for i in range(len(es.chunks)):
-        lp = _scored_logprobs(es, fn, i)
+    for i, logits in enumerate(chunk_rows(es, rows) if callable(rows) else rows):
+        lp = _log_softmax(logits)
         if out is None:
             out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16,
                                             shape=(len(es.chunks), *lp.shape))
         out[i] = lp
         if progress:
             progress(i + 1, len(es.chunks))
-    assert out is not None
+    if out is None or i + 1 != len(es.chunks):
+        raise EvalError("reference", f"logits for {0 if out is None else i + 1} of {len(es.chunks)} chunks")
     out.flush()
     del out
     tmp.replace(cache)
@@ -130,8 +142,8 @@ def _ppl(es: EvalSet, lp: np.ndarray) -> float:
 def score(es: EvalSet, ref: Reference, fn: LogitsFn, progress: ChunkProgress | None = None) -> Quality:
     """Perplexity, mean KL(reference || variant) and top-1 agreement over the scored tokens."""
     nll = kld = agree = 0.0
-    for i in range(len(es.chunks)):
-        q = _scored_logprobs(es, fn, i)
+    for i, logits in enumerate(chunk_rows(es, fn)):
+        q = _log_softmax(logits)
         p = np.asarray(ref.logprobs[i], dtype=np.float32)
         vocab = min(p.shape[-1], q.shape[-1])  # GGUF vocabularies may be padded
         p, q = p[:, :vocab], q[:, :vocab]

@@ -117,6 +117,10 @@ class EvaluationSpec(_Frozen):
     ctx: int = Field(512, ge=16)
 
 
+class BuildSpec(_Frozen):
+    keep_intermediate: bool = False  # keep the 16-bit GGUF and other temporaries after the build
+
+
 class PublishSpec(_Frozen):
     repo: str = "{owner}/{name}-{FORMAT}"
     owner: str | None = None  # None: asked from the Hub at publish time
@@ -237,6 +241,7 @@ class Recipe(_Frozen):
     calibration: CalibrationSpec = CalibrationSpec()
     evaluation: EvaluationSpec = EvaluationSpec()
     publish: PublishSpec = PublishSpec()
+    build: BuildSpec = BuildSpec()
     variants: tuple[VariantSpec, ...]
     path: str = ""  # the file it came from
     base_dir: str = "."  # relative paths in the recipe resolve against this
@@ -250,6 +255,7 @@ class _RecipeFile(_Frozen):
     calibration: CalibrationSpec = CalibrationSpec()
     evaluation: EvaluationSpec = EvaluationSpec()
     publish: PublishSpec = PublishSpec()
+    build: BuildSpec = BuildSpec()
     gptq: dict[str, Any] = {}
     awq: dict[str, Any] = {}
     gguf: dict[str, Any] = {}
@@ -294,7 +300,7 @@ def parse_recipe(text: str, *, file: str = "<recipe>", base_dir: str | Path = ".
     recipe = None
     if not problems:
         recipe = Recipe(model=rf.model, calibration=rf.calibration, evaluation=rf.evaluation,
-                        publish=rf.publish, variants=tuple(variants), path=file,
+                        publish=rf.publish, build=rf.build, variants=tuple(variants), path=file,
                         base_dir=str(Path(base_dir).resolve()))
         problems += _check_branches(recipe)
         if check_source:

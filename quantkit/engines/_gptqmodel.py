@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import EngineError, EngineUnavailable
+from ..resources import PROCESS_BASE, Estimate, Machine, ModelShape, Workload
 from .base import WEIGHT_SUFFIXES, LogitsFn, ProgressFn
 
 GPTQ_EXTRA = "pip install 'quantkit-workbench[gptq]'"
@@ -388,7 +389,9 @@ def check_output(engine: str, folder: Path, expect: dict[str, Any]) -> None:
 def open_quantized(folder: Path, device: str, log_path: Path | None = None) -> Iterator[LogitsFn]:
     """Load through transformers.AutoModelForCausalLM, as users do, and yield logits.
 
-    CPU: float32 (the reference is float32 there too); CUDA: float16 on the GPU.
+    CPU: bfloat16, the dtype the CPU kernels run fast in; a float32 load would hold the
+    unquantized embeddings and head at twice their size (1.6 GB at 7B widths, measured).
+    CUDA: float16 on the GPU.
     """
     prepare_env()
     gptqmodel_version()
@@ -397,11 +400,58 @@ def open_quantized(folder: Path, device: str, log_path: Path | None = None) -> I
     if device == "cuda":
         cm = hf_logits(folder, dtype="float16", device_map={"": "cuda:0"})
     else:
-        cm = hf_logits(folder, dtype="float32", device="cpu")
+        cm = hf_logits(folder, dtype="bfloat16", device="cpu")
     with contextlib.ExitStack() as stack:
         with engine_output(log_path):
             fn = stack.enter_context(cm)
         yield fn
+
+
+# ---------------------------------------------------------------- resource estimates
+# Fitted to benchmarks/scale.py (random Llamas at 7B widths, 2-core CI machine, 2026-12-01):
+# GPTQModel reads the source layer by layer (its lazy "turtle" model) and offloads finished
+# layers, so what it holds is the unquantized embeddings and head, the layer at work with
+# its Hessians, and the calibration inputs and outputs of that layer.
+
+LAYER_WORK_FACTOR = 2.0  # the layer at work, in bf16 layer sizes (weights, their f32 copies)
+CPU_SECONDS_PER_TFLOP = 110.0  # GPTQModel's CPU path, per TFLOP of forward + GPTQ updates
+GPU_FLOPS_SHARE = 0.05  # GPTQ on a GPU is bound by per-module work, not by matmul peak
+
+
+def packed_bytes(shape: ModelShape, bits: int, group_size: int) -> int:
+    """Quantized Linear weights with their fp16 scales and packed zeros; the rest in fp16."""
+    gs = group_size if group_size > 0 else shape.hidden
+    linear = shape.linear_params * bits / 8 + shape.linear_params / gs * (2 + bits / 8)
+    return int(linear + (shape.params - shape.linear_params) * 2)
+
+
+def _work_tflop(shape: ModelShape, work: Workload, passes: float) -> float:
+    """Forward passes over the calibration tokens plus GPTQ's column updates (rows x cols^2)."""
+    forward = passes * 2 * shape.linear_params * work.calib_tokens
+    h, i = shape.hidden, shape.intermediate
+    updates = shape.layers * (4 * h**3 + 2 * i * h**2 + h * i**2)
+    return (forward + updates) / 1e12
+
+
+def estimate(shape: ModelShape, work: Workload, machine: Machine, bits: int, group_size: int,
+             passes: float) -> Estimate:
+    """GPTQModel quantizing layer by layer (`passes`: forward passes over the calibration
+    tokens per layer), then the reload through transformers (bf16) for scoring."""
+    out = packed_bytes(shape, bits, group_size)
+    unquantized = (shape.params - shape.layers * shape.layer_params) * 2
+    hessians = 4 * (6 * shape.hidden**2 + shape.intermediate**2)
+    inputs = work.calib_tokens * shape.hidden * 2 * 2  # the layer's inputs and outputs, bf16
+    at_work = LAYER_WORK_FACTOR * 2 * shape.layer_params + hessians + inputs
+    reload = PROCESS_BASE + out
+    score = 2 * shape.params * work.eval_tokens
+    tflop = _work_tflop(shape, work, passes)
+    if machine.device == "cuda":
+        seconds = tflop * 1e12 / (GPU_FLOPS_SHARE * machine.gpu_flops) + score / machine.gpu_flops
+        return Estimate(int(PROCESS_BASE + unquantized + inputs), int(at_work + out), out, seconds, "quantize")
+    quant = PROCESS_BASE + unquantized + at_work
+    seconds = tflop * CPU_SECONDS_PER_TFLOP * 2 / machine.cores + score / machine.cpu_flops
+    ram, stage = max((quant, "quantize"), (reload, "reload and score"))
+    return Estimate(int(ram), 0, out, seconds, stage)
 
 
 def is_installed(module: str) -> bool:

@@ -20,6 +20,7 @@ from .base import BuildContext, LogitsFn
 if TYPE_CHECKING:
     from ..plan import Variant
     from ..recipe import AWQParams
+    from ..resources import Estimate, Machine, ModelShape, Workload
 
 AUTOAWQ_EXTRA = "pip install 'quantkit-workbench[autoawq]'"
 AUTOAWQ_PARALLEL_SAMPLES = 8  # AutoAWQ runs all samples at once by default: a memory spike
@@ -54,6 +55,12 @@ class AWQEngine:
     def open_model(self, folder: Path, ctx: BuildContext) -> AbstractContextManager[LogitsFn]:
         return gm.open_quantized(folder, gm.device_of(ctx.device),
                                  ctx.work_dir / f"{folder.name}.gptqmodel.log")
+
+    def estimate(self, variant: Variant, shape: ModelShape, work: Workload, machine: Machine) -> Estimate:
+        p: AWQParams = variant.params  # type: ignore[assignment]
+        # The scale search runs the layer ~20 times per module group: measured 6.5x GPTQ's
+        # time on SmolLM2-135M (1676 s against 259 s), i.e. about 13 passes to GPTQ's 2.
+        return gm.estimate(shape, work, machine, p.bits, p.group_size, passes=13)
 
 
 def expected_config(p: AWQParams) -> dict[str, Any]:

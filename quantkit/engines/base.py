@@ -43,6 +43,7 @@ class BuildContext:
     progress: ProgressFn
     model_name: str = ""  # the recipe's model name, for file names and metadata
     quantized_by: str = "quantkit"
+    keep_intermediate: bool = False  # [build] keep_intermediate: leave temporaries in work_dir
 
 
 @dataclass(frozen=True)
@@ -88,7 +89,9 @@ class Engine(Protocol):
 
 # An engine may also define `prepare(variants, ctx) -> {name: error}`: work shared by the
 # variants of one build, done before the per-variant loop (the GGUF engine converts once,
-# computes the imatrix once and quantizes all types in parallel there).
+# computes the imatrix once and quantizes all types in parallel there), and
+# `release(ctx) -> list[Path]`: delete the temporaries of that shared work once the last of
+# its variants is built (the 16-bit GGUF: as large as the source), unless ctx.keep_intermediate.
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:

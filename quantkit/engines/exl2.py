@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import EngineError, EngineUnavailable
+from ..resources import PROCESS_BASE, Estimate, Machine, ModelShape, Workload
 from .base import BuildContext, LogitsFn
 
 if TYPE_CHECKING:
@@ -53,6 +54,17 @@ class EXL2Engine:
             raise EngineError(self.name, "convert_exl2 failed: " + " | ".join(tail), variant.name)
         ctx.progress("exllamav2 convert", 1, 1)
         return {"bpw": p.bpw, "head_bits": p.head_bits}
+
+    def estimate(self, variant: Variant, shape: ModelShape, work: Workload, machine: Machine) -> Estimate:
+        """exllamav2's converter: a measurement pass and a quantization pass over the calibration
+        rows, one layer on the GPU at a time (unmeasured here: no GPU; from its design)."""
+        out = int(shape.params * variant.params.bpw / 8)
+        flops = 2 * 2 * shape.params * work.calib_tokens
+        gpu_rate = machine.gpu_flops * 0.05 if machine.gpu_flops else 0.0
+        seconds = flops / gpu_rate if gpu_rate else float("inf")
+        vram = 6 * 2 * shape.layer_params + work.calib_tokens * shape.hidden * 4 * 4
+        return Estimate(int(PROCESS_BASE + 4 * shape.largest_tensor), int(vram + out), out + shape.bf16_bytes,
+                        seconds, "quantize")
 
     @contextmanager
     def open_model(self, folder: Path, ctx: BuildContext) -> Iterator[LogitsFn]:

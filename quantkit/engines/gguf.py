@@ -32,6 +32,7 @@ import numpy as np
 
 from ..errors import EngineError, EngineUnavailable
 from ..recipe import GGUF_TYPES
+from ..resources import PROCESS_BASE, Estimate, Machine, ModelShape, Workload
 from . import llamacpp
 from .base import BuildContext, LogitsFn
 
@@ -422,6 +423,7 @@ class GGUFEngine:
     def _stage(self, v: Variant, ctx: BuildContext, threads: int, tc: llamacpp.Toolchain) -> None:
         folder = self._stage_dir(v, ctx)
         shutil.rmtree(folder, ignore_errors=True)
+        ctx.progress(f"quantize {v.name}", 0, 1)
         try:
             result: Built | EngineError = self.quantize(v, ctx, folder, threads, tc)
         except EngineError as e:
@@ -434,6 +436,27 @@ class GGUFEngine:
         if isinstance(r, Built) and not r.path.is_file():
             return None
         return r
+
+    def release(self, ctx: BuildContext) -> list[Path]:
+        """Delete the 16-bit GGUFs and leftover staging folders; the imatrix (small, published
+        beside the files) stays. A later build that needs the base converts it again."""
+        if ctx.keep_intermediate:
+            return []
+        gone = [p for pattern in ("base-*", "staged-*") for p in (ctx.work_dir / "gguf").glob(pattern)]
+        with self._lock:
+            for p in gone:
+                shutil.rmtree(p, ignore_errors=True)
+            self._base_info.clear()
+            self._staged.clear()
+        return gone
+
+    # -- resource estimates (quantkit.resources)
+
+    def shared_estimate(self, shape: ModelShape, work: Workload, machine: Machine) -> Estimate:
+        return shared_estimate(shape, work, machine)
+
+    def estimate(self, variant: Variant, shape: ModelShape, work: Workload, machine: Machine) -> Estimate:
+        return variant_estimate(_check_params(variant, raise_=False)[0], shape, work, machine)
 
     # -- evaluating
 
@@ -483,6 +506,47 @@ class _LlamaRunner:
         if self.llm is not None:
             self.llm.close()
             self.llm = None
+
+
+# ---------------------------------------------------------------- resource estimates
+# What each step holds in anonymous memory beside the 16-bit GGUF it memory-maps (the
+# mapped file is page cache, given back under pressure), and how fast it goes. Fitted to
+# benchmarks/scale.py on random Llamas at 7B widths (2-core CI machine, 2026-12-01).
+
+CONVERT_BASE = 0.2e9  # the converter's Python, torch and gguf-py
+CONVERT_PER_ELEMENT = 8  # bytes per element of the largest tensor: its f32 copy and the rounding
+IMATRIX_BASE = 0.1e9  # llama-imatrix's compute graph besides the logits of one chunk
+QUANT_BASE = 0.15e9  # llama-quantize besides its f32 copy of the tensor it works on
+SCORE_BASE = 0.45e9  # llama-cpp-python's context besides the logits and the KV cache
+CONVERT_BYTES_PER_S = 120e6  # reading safetensors, writing the 16-bit GGUF
+QUANT_BYTES_PER_S = {"F16": 400e6, "BF16": 400e6, "F32": 400e6, "Q8_0": 150e6}  # of the 16-bit input
+KQUANT_BYTES_PER_S = 20e6  # K-/IQ-quants with an importance matrix search their scales: slow
+
+
+def shared_estimate(shape: ModelShape, work: Workload, machine: Machine) -> Estimate:
+    """Convert once and compute the imatrix once: the disk is the 16-bit GGUF (removed
+    after the build unless [build] keep_intermediate)."""
+    convert = PROCESS_BASE + CONVERT_BASE + CONVERT_PER_ELEMENT * shape.largest_tensor
+    n_ctx = imatrix_ctx(work.calib_tokens)
+    imatrix = PROCESS_BASE + IMATRIX_BASE + n_ctx * shape.vocab * 4
+    seconds = shape.bf16_bytes / CONVERT_BYTES_PER_S + 2 * shape.params * work.calib_tokens / machine.cpu_flops
+    ram, stage = max((convert, "convert"), (imatrix, "imatrix"))
+    return Estimate(int(ram), 0, shape.bf16_bytes, seconds, stage)
+
+
+def variant_estimate(quant: str, shape: ModelShape, work: Workload, machine: Machine) -> Estimate:
+    """One type: llama-quantize (one job per core, each with an f32 copy of its largest
+    tensor), then scoring through llama-cpp-python (logits of every position, KV cache)."""
+    jobs = max(1, machine.cores)
+    quantize = PROCESS_BASE + jobs * (QUANT_BASE + 4 * shape.largest_tensor)
+    score = PROCESS_BASE + SCORE_BASE + shape.kv_bytes(work.eval_ctx) + 2 * work.eval_ctx * shape.vocab * 4
+    rate = QUANT_BYTES_PER_S.get(quant, KQUANT_BYTES_PER_S) * machine.cores / 2
+    seconds = shape.bf16_bytes / rate + 2 * shape.params * work.eval_tokens / machine.cpu_flops
+    ram, stage = max((quantize, "quantize"), (score, "reload and score"))
+    shared = shared_estimate(shape, work, machine)
+    if shared.ram > ram:
+        ram, stage = shared.ram, shared.stage
+    return Estimate(int(ram), 0, int(shape.params * GGUF_TYPES[quant][0] / 8), seconds, stage)
 
 
 # ---------------------------------------------------------------- small helpers

@@ -17,6 +17,7 @@ from . import _gptqmodel as gm
 from .base import BuildContext, LogitsFn
 
 if TYPE_CHECKING:
+    from ..resources import Estimate, Machine, ModelShape, Workload
     from ..plan import Variant
     from ..recipe import GPTQParams
 
@@ -48,6 +49,10 @@ class GPTQEngine:
     def open_model(self, folder: Path, ctx: BuildContext) -> AbstractContextManager[LogitsFn]:
         return gm.open_quantized(folder, gm.device_of(ctx.device),
                                  ctx.work_dir / f"{folder.name}.gptqmodel.log")
+
+    def estimate(self, variant: Variant, shape: ModelShape, work: Workload, machine: Machine) -> Estimate:
+        p: GPTQParams = variant.params  # type: ignore[assignment]
+        return gm.estimate(shape, work, machine, p.bits, p.group_size, passes=2)  # inputs, then outputs
 
 
 def expected_config(p: GPTQParams) -> dict[str, Any]:
