@@ -227,10 +227,11 @@ def _build_one(recipe: Path, out_dir: Path | None, only: list[str] | None):
     _quiet_libraries()
     p = _plan(recipe, out_dir)
     check_recipe_source(p.recipe)
-    if p.recipe.calibration.dataset is None:
-        err.print("• calibration: the German sample shipped in calibration/ (no \\[calibration] dataset set)")
-    with _locked(p.out_dir, "build"), _progress() as rep:
-        res = pipeline.build(p, only=only, report=rep)
+    with _locked(p.out_dir, "build"):  # first: a refused run prints only why
+        if p.recipe.calibration.dataset is None:
+            err.print("• calibration: the German sample shipped in calibration/ (no \\[calibration] dataset set)")
+        with _progress() as rep:
+            res = pipeline.build(p, only=only, report=rep)
     return p, res
 
 

@@ -1,0 +1,59 @@
+"""Crash anywhere: `quantkit build` SIGKILLed at seeded random moments, then run again; the
+harness is tests/_crash.py (benchmarks/faults.py prints its table)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.register_assert_rewrite("_crash")
+from _crash import Reference, crash_once, kill_moments, problems, reference_build, start_build  # noqa: E402
+
+from quantkit.lock import LOCK_NAME  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Reference]:
+    root = tmp_path_factory.mktemp("crash")
+    return root, reference_build(root, tiny_llama)
+
+
+def _kills(root: Path, ref: Reference, n: int, seed: int) -> None:
+    recipe = root / "recipe.toml"
+    results = [crash_once(root, recipe, ref, i, at) for i, at in enumerate(kill_moments(n, seed, ref.seconds))]
+    bad = {r.kill: problems(r) for r in results if problems(r)}
+    assert bad == {}, "\n".join(f"kill {r.kill} at {r.at} s ({r.phase}): {problems(r)}" for r in results)
+    assert any(r.done_at_kill for r in results) or n < 5  # some kills land after a variant finished
+
+
+def test_build_killed_at_5_random_moments_resumes_to_the_same_files(reference) -> None:
+    root, ref = reference
+    _kills(root, ref, 5, seed=14)
+
+
+@pytest.mark.slow
+def test_build_killed_at_20_random_moments_resumes_to_the_same_files(reference) -> None:
+    root, ref = reference
+    _kills(root, ref, 20, seed=2026)
+
+
+def test_second_build_on_the_same_folder_is_refused(reference, tmp_path: Path) -> None:
+    """While one build runs, a second on the same folder exits 5 with one line; the first
+    finishes unharmed."""
+    root, ref = reference
+    recipe, out = root / "recipe.toml", tmp_path / "out"
+    first = start_build(recipe, out, tmp_path / "first.log")
+    try:
+        t0 = time.monotonic()
+        while not (out / LOCK_NAME).exists():
+            assert first.poll() is None and time.monotonic() - t0 < 120, (tmp_path / "first.log").read_text()
+            time.sleep(0.05)
+        second = start_build(recipe, out, tmp_path / "second.log")
+        assert second.wait(timeout=120) == 5
+    finally:
+        rc = first.wait(timeout=600)
+    errors = [ln for ln in (tmp_path / "second.log").read_text().splitlines() if ln.strip()]
+    assert len(errors) == 1 and errors[0].startswith(f"error: {out / LOCK_NAME}: quantkit build (pid {first.pid}")
+    assert rc == 0 and not (out / LOCK_NAME).exists()
