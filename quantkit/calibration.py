@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from . import atomic
 from .errors import CalibrationError
 from .recipe import CalibrationSpec, Recipe
 
@@ -62,16 +63,18 @@ class CalibrationSet:
 
     def write_text(self, path: Path) -> Path:
         """Plain text for llama-imatrix: the formatted items, blank line between."""
-        path.write_text("\n\n".join(self.texts) + "\n", encoding="utf-8")
-        return path
+        return atomic.write_text(path, "\n\n".join(self.texts) + "\n")
 
     def write_parquet(self, path: Path) -> Path:
         """A `text` column per item, the form exllamav2's converter reads with -c."""
+        import io
+
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        pq.write_table(pa.table({"text": list(self.texts)}), path)
-        return path
+        buf = io.BytesIO()
+        pq.write_table(pa.table({"text": list(self.texts)}), buf)
+        return atomic.write_bytes(path, buf.getvalue())
 
 
 # ---------------------------------------------------------------- loading

@@ -22,7 +22,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from . import __version__
+from . import __version__, atomic
 from .errors import (BuildFailed, BusyError, CalibrationError, EngineError, EngineUnavailable, EvalError,
                      ManifestError, PublishError, QuantkitError, RecipeError, SourceError)
 
@@ -424,8 +424,7 @@ def init(model: Annotated[str, typer.Argument(help="Hub id or local folder of th
     path = output or Path("recipes") / f"{name}.toml"
     if path.exists() and not force:
         raise _fail(QuantkitError(f"{path} exists; use --force to overwrite it"))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(starter_recipe(model), encoding="utf-8")
+    atomic.write_text(path, starter_recipe(model))
     out.print(f"wrote {path}")
 
 
