@@ -35,7 +35,7 @@ from .plan import Plan, Variant, repo_for
 if TYPE_CHECKING:
     from huggingface_hub import HfApi
 
-COMMIT_ATTEMPTS = 5  # commit POSTs per branch before giving up
+COMMIT_ATTEMPTS = 5  # tries of one Hub request (a commit POST, ...) before giving up
 BACKOFF_SECONDS = 1.0  # first wait; doubles per attempt
 BACKOFF_MAX = 30.0
 RETRY_AFTER_MAX = 300.0  # a server's Retry-After is honoured up to this
@@ -258,9 +258,9 @@ def _backoff(e: BaseException, attempt: int) -> float:
 
 
 def _retrying(call: Callable[[], T], tries: list[int] | None = None) -> T:
-    """Send an idempotent Hub request again on transient failures. For the requests
-    huggingface_hub sends once (refs, branch and repo creation, whoami); `tries` gets one
-    entry per attempt."""
+    """Send an idempotent Hub request again on transient failures: the commit, and the requests
+    huggingface_hub sends only once (refs, branch and repo creation, whoami). `tries` gets
+    one entry per attempt."""
     for attempt in range(1, COMMIT_ATTEMPTS + 1):
         if tries is not None:
             tries.append(attempt)
@@ -405,23 +405,21 @@ def _upload(ctx: _Ctx, repo: str, branch: str, ops: list[Any]) -> None:
 
 def _commit(ctx: _Ctx, remote: _Remote, branch: str, ops: list[Any], parent: str, message: str,
             local: list[LocalFile], tries: list[int]) -> str:
-    """Create the commit; retry on 429/5xx and lost answers without ever forking the branch.
-    `tries` gets one entry per POST sent."""
-    for attempt in range(1, COMMIT_ATTEMPTS + 1):
-        tries.append(attempt)
+    """Create the commit; retried on 429/5xx and lost answers without ever forking the branch:
+    with `parent_commit`, a repeat of a POST that landed fails with 412. `tries` gets one
+    entry per POST sent."""
+    def post() -> str:
         try:
             info = ctx.api.create_commit(remote.repo, ops, commit_message=message, revision=branch,
                                          parent_commit=parent)
             return str(info.oid)
         except Exception as e:
-            if _status(e) in MOVED_STATUS and attempt > 1:
-                landed = _landed(remote, branch, local)
-                if landed:
-                    return landed  # an earlier attempt landed; its answer was lost
-            if not _transient(e) or attempt == COMMIT_ATTEMPTS:
-                raise
-            _sleep(_backoff(e, attempt))
-    raise AssertionError("unreachable")
+            landed = _landed(remote, branch, local) if _status(e) in MOVED_STATUS and len(tries) > 1 else None
+            if landed:
+                return landed  # an earlier attempt landed; its answer was lost
+            raise
+
+    return _retrying(post, tries)
 
 
 def _landed(remote: _Remote, branch: str, local: list[LocalFile]) -> str | None:
