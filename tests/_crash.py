@@ -31,6 +31,9 @@ from quantkit.manifest import load_manifest
 ROOT = Path(__file__).resolve().parent.parent
 VARIANTS = ("gptq-4bit-32g-actorder_True", "gguf-Q4_K_M", "gguf-Q8_0")
 THREAD_ENV = {"OMP_NUM_THREADS": "2", "GPTQMODEL_CPU_WORKERS": "2", "QUANTKIT_THREADS": "2"}
+# Every build runs with a Hub token in its environment, as a publisher's does: it must not
+# end up in any file or log (tests/test_crash.py greps for it).
+TOKEN = "hf_crash_harness_token_must_not_leak"
 RUN_TIMEOUT = 600
 
 RECIPE = """[model]
@@ -71,7 +74,7 @@ def write_recipe(root: Path, model: Path) -> Path:
 
 def _env() -> dict[str, str]:
     path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
-    return {**os.environ, **THREAD_ENV, "PYTHONPATH": path, "PYTHONUNBUFFERED": "1"}
+    return {**os.environ, **THREAD_ENV, "PYTHONPATH": path, "PYTHONUNBUFFERED": "1", "HF_TOKEN": TOKEN}
 
 
 def start_build(recipe: Path, out: Path, log: Path) -> subprocess.Popen[bytes]:

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 pytest.register_assert_rewrite("_crash")
-from _crash import Reference, crash_once, kill_moments, problems, reference_build, start_build  # noqa: E402
+from _crash import (TOKEN, Reference, crash_once, kill_moments, problems, reference_build,  # noqa: E402
+                    start_build)
 
 from quantkit.lock import LOCK_NAME  # noqa: E402
 
@@ -57,3 +58,12 @@ def test_second_build_on_the_same_folder_is_refused(reference, tmp_path: Path) -
     errors = [ln for ln in (tmp_path / "second.log").read_text().splitlines() if ln.strip()]
     assert len(errors) == 1 and errors[0].startswith(f"error: {out / LOCK_NAME}: quantkit build (pid {first.pid}")
     assert rc == 0 and not (out / LOCK_NAME).exists()
+
+
+def test_builds_leave_the_hub_token_nowhere(reference) -> None:
+    """The builds of this module ran with HF_TOKEN set: no file they left (folders, manifests, cards,
+    .work scratch, GPTQModel logs, the runs' output) holds it."""
+    root, _ = reference
+    files = [p for p in root.rglob("*") if p.is_file()]
+    assert len(files) > 10 and any(p.name.endswith(".gptqmodel.log") for p in files)
+    assert [str(p) for p in files if TOKEN.encode() in p.read_bytes()] == []

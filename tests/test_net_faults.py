@@ -15,7 +15,7 @@ from _hub_fixtures import fabricate_build  # noqa: E402
 from _net_faults import compare, publish_run  # noqa: E402
 from hub_server import RANDOM_KINDS, HubServer  # noqa: E402
 
-from quantkit import card  # noqa: E402
+from quantkit import card, publish  # noqa: E402
 from quantkit.manifest import load_manifest, save_manifest  # noqa: E402
 
 pytest_plugins = ("_hub_fixtures",)
@@ -54,6 +54,21 @@ def test_more_rates_and_seeds(tmp_path: Path, fault_free, rate: float) -> None:
     for seed in range(4, 8):
         run = publish_run(tmp_path / str(seed), rate=rate, seed=seed)
         _check(run, fault_free)
+
+
+@pytest.mark.parametrize("route, method", [(r"/branch/", "POST"), (r"^/api/repos/create$", "POST"),
+                                           (r"/refs$", "GET")])
+def test_lost_answers_to_requests_the_client_sends_once(hub: HubServer, tmp_path: Path, no_backoff: list[float],
+                                                        route: str, method: str) -> None:
+    """huggingface_hub does not retry these; publish does, and a repeat that finds the branch
+    or repo already made by the lost attempt goes on from there."""
+    b = fabricate_build(tmp_path)
+    b.manifest = card.write_cards(b.plan, b.manifest, b.out)
+    hub.faults.add(method, route, times=2, action="drop_response")
+    report = publish.publish(b.plan, b.manifest, b.out)
+    assert report.ok and report.commits == 5, [x.error for x in report.branches]
+    assert [a for a, _, _ in hub.faults.fired] == ["drop_response"] * 2 and no_backoff  # publish retried
+    assert all(hub.commit_count(x.repo, x.branch) == 2 for x in report.branches)  # initial + ours
 
 
 # ---------------------------------------------------------------- the token
