@@ -38,18 +38,6 @@ class Holder:
         since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.started))
         return f"quantkit {self.command} (pid {self.pid} on {self.host}, started {since})"
 
-    def alive(self) -> bool | None:
-        """Whether its process still runs; None when it ran on another host."""
-        if self.host != socket.gethostname():
-            return None
-        try:
-            os.kill(self.pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:  # someone else's process: alive
-            return True
-        return True
-
 
 @dataclass
 class OutputLock:
@@ -73,7 +61,10 @@ class OutputLock:
 def acquire(out_dir: Path, command: str, *, wait: float = 0.0) -> OutputLock:
     """Lock `out_dir` for `command`; wait up to `wait` seconds for another run, then raise BusyError."""
     out_dir = Path(out_dir)
-    created = _make_dirs(out_dir)
+    try:
+        created = _make_dirs(out_dir)
+    except OSError as e:
+        raise QuantkitError(f"{out_dir}: cannot create the output folder ({e.strerror or e})") from None
     path = out_dir / LOCK_NAME
     deadline = time.monotonic() + wait
     while True:

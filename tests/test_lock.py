@@ -16,7 +16,7 @@ import pytest
 from typer.testing import CliRunner
 
 from quantkit.cli import app
-from quantkit.errors import BusyError
+from quantkit.errors import BusyError, QuantkitError
 from quantkit.lock import LOCK_NAME, acquire, hold
 from quantkit.manifest import save_manifest
 
@@ -83,8 +83,9 @@ def test_lock_of_a_killed_run_is_taken_over(tmp_path: Path) -> None:
     p.wait()
     assert json.loads((tmp_path / LOCK_NAME).read_text())["pid"] == p.pid  # left behind
     with hold(tmp_path, "build") as lk:
-        assert lk.took_over is not None and lk.took_over.pid == p.pid and lk.took_over.alive() is False
-        assert json.loads((tmp_path / LOCK_NAME).read_text())["pid"] == os.getpid()
+        assert lk.took_over is not None and lk.took_over.pid == p.pid
+        with pytest.raises(ProcessLookupError):
+            os.kill(p.pid, 0)  # a dead pid        assert json.loads((tmp_path / LOCK_NAME).read_text())["pid"] == os.getpid()
 
 
 def test_publish_cli_exits_5_with_one_line_while_a_build_runs(tmp_path: Path) -> None:
@@ -99,6 +100,12 @@ def test_publish_cli_exits_5_with_one_line_while_a_build_runs(tmp_path: Path) ->
     assert res.exit_code == 5 and len(lines) == 1, res.output
     assert lines[0].startswith(f"error: {b.out / LOCK_NAME}: quantkit build (pid {p.pid} on ")
     assert "wait for it to finish" in lines[0]
+
+
+def test_output_folder_that_is_a_file_is_one_error(tmp_path: Path) -> None:
+    (tmp_path / "out").write_text("not a folder")
+    with pytest.raises(QuantkitError, match="cannot create the output folder"):
+        acquire(tmp_path / "out", "build")
 
 
 def test_cli_says_when_it_takes_over_a_stale_lock(tmp_path: Path) -> None:
