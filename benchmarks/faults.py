@@ -44,7 +44,7 @@ def crash(kills: int, seed: int, group: bool) -> None:
         root = Path(tmp)
         ref = reference_build(root, tiny_model())
         print(f"uninterrupted build: {ref.seconds:.1f} s, {len(ref.files)} files; kill moments seeded ({seed}), "
-              f"uniform in [0, {ref.seconds:.1f}] s\n")
+              f"one uniform in each {kills}th of [0, {ref.seconds:.1f}] s\n")
         rows = []
         for i, at in enumerate(kill_moments(kills, seed, ref.seconds)):
             rows.append(_crash_row(crash_once(root, root / "recipe.toml", ref, i, at, group=group)))
@@ -56,7 +56,8 @@ def _crash_row(r) -> list[object]:  # type: ignore[no-untyped-def]
     from _crash import problems
 
     wrong = problems(r)
-    return [r.kill + 1, f"{r.at:.1f}", r.phase[:44], len(r.done_at_kill), 1 if r.rerun_rc == 0 else "failed",
+    doing = r.phase[:44] if r.killed else "(had ended: not killed)"
+    return [r.kill + 1, f"{r.at:.1f}", doing, len(r.done_at_kill), 1 if r.rerun_rc == 0 else "failed",
             " ".join(_short(n) for n in r.rerun_started) or "-", len(r.rerun_started),
             "yes" if r.took_over_note else "-", "yes" if not r.broken_at_kill else "NO",
             "yes" if not r.differences else "NO", "; ".join(wrong) or "none"]

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -153,7 +152,3 @@ def _snapshot(root: Path) -> dict[str, tuple[int, int]]:
     """Files by size and mtime; folders by existence (a lock file come and gone touches their mtime)."""
     return {str(p.relative_to(root)): (0, 0) if p.is_dir() and not p.is_symlink() else
             (p.lstat().st_size, p.lstat().st_mtime_ns) for p in root.rglob("*")}
-
-
-def cleanup(root: Path) -> None:
-    shutil.rmtree(root, ignore_errors=True)

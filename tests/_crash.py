@@ -155,6 +155,7 @@ def reference_build(root: Path, model: Path) -> Reference:
 class KillResult:
     kill: int
     at: float  # seconds after the build started
+    killed: bool  # False: the build had ended before that moment
     phase: str  # the last line the build printed before it died
     done_at_kill: tuple[str, ...]  # variants evaluated (finished) at the kill
     built_at_kill: tuple[str, ...]  # variants the manifest recorded as built at the kill
@@ -167,18 +168,20 @@ class KillResult:
     differences: tuple[str, ...]  # final files or manifest vs the uninterrupted build
 
 
-def _kill_at(recipe: Path, out: Path, log: Path, at: float, group: bool) -> None:
+def _kill_at(recipe: Path, out: Path, log: Path, at: float, group: bool) -> bool:
     """group: the build and the llama.cpp tools it runs (a crash, a closed terminal); else the
     build's own process only (the OOM killer, `kill -9 PID`): its children run on."""
     p = start_build(recipe, out, log)
     try:
         p.wait(timeout=at)
+        return False  # it ended first (a run can be faster than the reference)
     except subprocess.TimeoutExpired:
         if group:
             os.killpg(p.pid, signal.SIGKILL)
         else:
             p.send_signal(signal.SIGKILL)
     p.wait()
+    return True
 
 
 def _state_at_kill(out: Path, ref: Reference) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
@@ -213,7 +216,7 @@ def _differences(out: Path, ref: Reference) -> tuple[str, ...]:
 
 def crash_once(root: Path, recipe: Path, ref: Reference, kill: int, at: float, *, group: bool = True) -> KillResult:
     out, log = root / f"kill{kill}", root / f"kill{kill}.log"
-    _kill_at(recipe, out, log, at, group)
+    killed = _kill_at(recipe, out, log, at, group)
     lines = log.read_text(errors="replace").strip().splitlines()
     done, built, broken = _state_at_kill(out, ref)
     lock_left = (out / LOCK_NAME).exists()
@@ -225,14 +228,16 @@ def crash_once(root: Path, recipe: Path, ref: Reference, kill: int, at: float, *
     after = _mtimes(out)
     rewritten = tuple(sorted({p.split("/")[0] for p, t in before.items()
                               if not p.endswith("README.md") and after.get(p) != t}))
-    return KillResult(kill, round(at, 2), lines[-1].strip() if lines else "", done, built, broken, lock_left, rc,
-                      started, rewritten, "note: took over the lock" in text,
+    return KillResult(kill, round(at, 2), killed, lines[-1].strip() if lines else "", done, built, broken, lock_left,
+                      rc, started, rewritten, "note: took over the lock" in text,
                       _differences(out, ref) if rc == 0 else ("re-run failed: " + text[-500:],))
 
 
 def kill_moments(n: int, seed: int, seconds: float) -> list[float]:
+    """One seeded random moment in each n-th of the build's duration: random, yet spread over
+    every stage (uniform draws bunch up and miss the short last stages)."""
     rng = random.Random(seed)
-    return [rng.uniform(0.0, seconds) for _ in range(n)]
+    return [(i + rng.random()) * seconds / n for i in range(n)]
 
 
 def problems(r: KillResult) -> list[str]:

@@ -980,5 +980,5 @@ def _route_name(method: str, path: str) -> str:
     return next((name for m, rx, name in ROUTES if m == method and rx.match(path)), "unknown")
 
 
-__all__ = ["HubServer", "Faults", "RandomFaults", "RANDOM_KINDS", "RequestRecord", "use_hub", "summarize", "validate_card_metadata",
-           "git_blob_oid", "lfs_pointer"]
+__all__ = ["HubServer", "Faults", "RandomFaults", "RANDOM_KINDS", "RequestRecord", "use_hub", "summarize",
+           "validate_card_metadata", "git_blob_oid", "lfs_pointer"]

@@ -10,8 +10,8 @@ import pytest
 pytest.register_assert_rewrite("_bad_inputs")
 from _bad_inputs import CASES, Case, run  # noqa: E402
 
-from quantkit.errors import CalibrationError, ManifestError  # noqa: E402
 from quantkit.calibration import load_items  # noqa: E402
+from quantkit.errors import CalibrationError, ManifestError  # noqa: E402
 from quantkit.manifest import load_manifest  # noqa: E402
 
 

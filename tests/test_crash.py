@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 
 pytest.register_assert_rewrite("_crash")
-from _crash import (TOKEN, Reference, crash_once, kill_moments, problems, reference_build,  # noqa: E402
-                    start_build)
+from _crash import TOKEN, Reference, crash_once, kill_moments, problems, reference_build, start_build  # noqa: E402
 
 from quantkit.lock import LOCK_NAME  # noqa: E402
 
@@ -26,7 +25,7 @@ def _kills(root: Path, ref: Reference, n: int, seed: int) -> None:
     results = [crash_once(root, recipe, ref, i, at) for i, at in enumerate(kill_moments(n, seed, ref.seconds))]
     bad = {r.kill: problems(r) for r in results if problems(r)}
     assert bad == {}, "\n".join(f"kill {r.kill} at {r.at} s ({r.phase}): {problems(r)}" for r in results)
-    assert any(r.done_at_kill for r in results) or n < 5  # some kills land after a variant finished
+    assert sum(r.killed for r in results) >= n - 2  # most moments fall before the build ends
 
 
 def test_build_killed_at_5_random_moments_resumes_to_the_same_files(reference) -> None:

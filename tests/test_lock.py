@@ -85,7 +85,8 @@ def test_lock_of_a_killed_run_is_taken_over(tmp_path: Path) -> None:
     with hold(tmp_path, "build") as lk:
         assert lk.took_over is not None and lk.took_over.pid == p.pid
         with pytest.raises(ProcessLookupError):
-            os.kill(p.pid, 0)  # a dead pid        assert json.loads((tmp_path / LOCK_NAME).read_text())["pid"] == os.getpid()
+            os.kill(p.pid, 0)  # a dead pid
+        assert json.loads((tmp_path / LOCK_NAME).read_text())["pid"] == os.getpid()
 
 
 def test_publish_cli_exits_5_with_one_line_while_a_build_runs(tmp_path: Path) -> None:
