@@ -7,6 +7,7 @@ of either: rename within one folder is atomic on POSIX filesystems.
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import tempfile
 from pathlib import Path
@@ -38,7 +39,7 @@ def write_text(path: Path, text: str) -> Path:
 
 def _remove_stale(path: Path) -> None:
     """Temp files of earlier writes a crash left behind (callers hold the build lock)."""
-    for old in path.parent.glob(f".{path.name}.*.tmp"):
+    for old in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
         with contextlib.suppress(OSError):
             old.unlink()
 
