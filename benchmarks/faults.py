@@ -33,12 +33,12 @@ def tiny_model() -> Path:
     return conftest._cached("tiny-llama-v1", conftest._build_tiny_llama)
 
 
-CRASH_COLUMNS = ["kill", "at s", "doing when killed", "finished at kill", "re-runs", "re-run built", "rebuilt",
+CRASH_COLUMNS = ["kill", "at (s)", "doing when killed", "finished at kill", "re-runs", "re-run built", "rebuilt",
                  "stale lock taken over", "no partial file", "final hashes equal", "problems"]
 
 
 def crash(kills: int, seed: int, group: bool) -> None:
-    from _crash import crash_once, kill_moments, reference_build
+    from _crash import AFTER_VARIANT, crash_once, kill_moments, reference_build
 
     with tempfile.TemporaryDirectory(prefix="quantkit-crash-") as tmp:
         root = Path(tmp)
@@ -49,15 +49,19 @@ def crash(kills: int, seed: int, group: bool) -> None:
         for i, at in enumerate(kill_moments(kills, seed, ref.seconds)):
             rows.append(_crash_row(crash_once(root, root / "recipe.toml", ref, i, at, group=group)))
             print(f"kill {i + 1}/{kills}: {rows[-1][-1]}", file=sys.stderr, flush=True)
+        # Plus the moments random draws rarely hit: right after the 1st and the 2nd variant finished.
+        for i, line in enumerate(AFTER_VARIANT, start=kills):
+            r = crash_once(root, root / "recipe.toml", ref, i, 0.0, group=group, after=line)
+            rows.append(_crash_row(r, f"after {line.strip('^ ')}"))
         print(table(CRASH_COLUMNS, rows))
 
 
-def _crash_row(r) -> list[object]:  # type: ignore[no-untyped-def]
+def _crash_row(r, when: str | None = None) -> list[object]:  # type: ignore[no-untyped-def]
     from _crash import problems
 
     wrong = problems(r)
     doing = r.phase[:44] if r.killed else "(had ended: not killed)"
-    return [r.kill + 1, f"{r.at:.1f}", doing, len(r.done_at_kill), 1 if r.rerun_rc == 0 else "failed",
+    return [r.kill + 1, when or f"{r.at:.1f}", doing, len(r.done_at_kill), 1 if r.rerun_rc == 0 else "failed",
             " ".join(_short(n) for n in r.rerun_started) or "-", len(r.rerun_started),
             "yes" if r.took_over_note else "-", "yes" if not r.broken_at_kill else "NO",
             "yes" if not r.differences else "NO", "; ".join(wrong) or "none"]

@@ -168,10 +168,14 @@ class KillResult:
     differences: tuple[str, ...]  # final files or manifest vs the uninterrupted build
 
 
-def _kill_at(recipe: Path, out: Path, log: Path, at: float, group: bool) -> bool:
-    """group: the build and the llama.cpp tools it runs (a crash, a closed terminal); else the
+def _kill_at(recipe: Path, out: Path, log: Path, at: float, group: bool, after: str | None) -> bool:
+    """Kill `at` seconds after the start, or after the build printed a line matching `after`.
+    group: the build and the llama.cpp tools it runs (a crash, a closed terminal); else the
     build's own process only (the OOM killer, `kill -9 PID`): its children run on."""
     p = start_build(recipe, out, log)
+    if after is not None and not _wait_for_line(p, log, after):
+        p.wait()
+        return False
     try:
         p.wait(timeout=at)
         return False  # it ended first (a run can be faster than the reference)
@@ -214,9 +218,21 @@ def _differences(out: Path, ref: Reference) -> tuple[str, ...]:
     return tuple(diffs)
 
 
-def crash_once(root: Path, recipe: Path, ref: Reference, kill: int, at: float, *, group: bool = True) -> KillResult:
+def _wait_for_line(p: subprocess.Popen[bytes], log: Path, pattern: str) -> bool:
+    """True once the build printed a line matching `pattern`; False if it ended without."""
+    rx = re.compile(pattern, re.M)
+    while not rx.search(log.read_text(errors="replace")):
+        if p.poll() is not None:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def crash_once(root: Path, recipe: Path, ref: Reference, kill: int, at: float, *, group: bool = True,
+               after: str | None = None) -> KillResult:
+    """One kill (at `at` s, or `at` s after a line matching `after`) and the re-run."""
     out, log = root / f"kill{kill}", root / f"kill{kill}.log"
-    killed = _kill_at(recipe, out, log, at, group)
+    killed = _kill_at(recipe, out, log, at, group, after)
     lines = log.read_text(errors="replace").strip().splitlines()
     done, built, broken = _state_at_kill(out, ref)
     lock_left = (out / LOCK_NAME).exists()
@@ -231,6 +247,10 @@ def crash_once(root: Path, recipe: Path, ref: Reference, kill: int, at: float, *
     return KillResult(kill, round(at, 2), killed, lines[-1].strip() if lines else "", done, built, broken, lock_left,
                       rc, started, rewritten, "note: took over the lock" in text,
                       _differences(out, ref) if rc == 0 else ("re-run failed: " + text[-500:],))
+
+
+# Moments uniform draws rarely hit: right after one and after two variants finished.
+AFTER_VARIANT = (rf"^✓ {VARIANTS[0]} ", r"^✓ gguf-Q4_K_M ")
 
 
 def kill_moments(n: int, seed: int, seconds: float) -> list[float]:

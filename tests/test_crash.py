@@ -9,7 +9,17 @@ from pathlib import Path
 import pytest
 
 pytest.register_assert_rewrite("_crash")
-from _crash import TOKEN, Reference, crash_once, kill_moments, problems, reference_build, start_build  # noqa: E402
+from _crash import (  # noqa: E402
+    AFTER_VARIANT,
+    TOKEN,
+    VARIANTS,
+    Reference,
+    crash_once,
+    kill_moments,
+    problems,
+    reference_build,
+    start_build,
+)
 
 from quantkit.lock import LOCK_NAME  # noqa: E402
 
@@ -37,6 +47,16 @@ def test_build_killed_at_5_random_moments_resumes_to_the_same_files(reference) -
 def test_build_killed_at_20_random_moments_resumes_to_the_same_files(reference) -> None:
     root, ref = reference
     _kills(root, ref, 20, seed=2026)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("done", [1, 2])
+def test_build_killed_right_after_a_variant_finished_builds_only_the_rest(reference, done: int) -> None:
+    """The moments between variants last a fraction of a second: random draws rarely hit them."""
+    root, ref = reference
+    r = crash_once(root, root / "recipe.toml", ref, 100 + done, 0.0, after=AFTER_VARIANT[done - 1])
+    assert r.killed and len(r.done_at_kill) == done and problems(r) == []
+    assert r.rerun_started == VARIANTS[done:]
 
 
 def test_second_build_on_the_same_folder_is_refused(reference, tmp_path: Path) -> None:
