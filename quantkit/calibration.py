@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from . import atomic
 from .errors import CalibrationError
 from .recipe import CalibrationSpec, Recipe
 
@@ -62,16 +63,18 @@ class CalibrationSet:
 
     def write_text(self, path: Path) -> Path:
         """Plain text for llama-imatrix: the formatted items, blank line between."""
-        path.write_text("\n\n".join(self.texts) + "\n", encoding="utf-8")
-        return path
+        return atomic.write_text(path, "\n\n".join(self.texts) + "\n")
 
     def write_parquet(self, path: Path) -> Path:
         """A `text` column per item, the form exllamav2's converter reads with -c."""
+        import io
+
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        pq.write_table(pa.table({"text": list(self.texts)}), path)
-        return path
+        buf = io.BytesIO()
+        pq.write_table(pa.table({"text": list(self.texts)}), buf)
+        return atomic.write_bytes(path, buf.getvalue())
 
 
 # ---------------------------------------------------------------- loading
@@ -84,6 +87,8 @@ def load_items(dataset: str | None, split: str, *, revision: str | None = None) 
     path = Path(dataset).expanduser()
     if path.exists():
         return _load_path(path, split=None), str(path)
+    if path.suffix in DATA_SUFFIXES:  # a file name, not a Hub id: do not ask the Hub for it
+        raise CalibrationError(dataset, "no such file")
     return _load_hub(dataset, split, revision), f"{dataset} ({split})"
 
 
@@ -101,20 +106,33 @@ def _load_path(path: Path, split: str | None) -> list[QAItem]:
 
 
 def _load_file(f: Path) -> list[QAItem]:
+    """One file's items; anything unreadable or of the wrong shape is one CalibrationError."""
     try:
-        if f.suffix == ".json":
-            return _from_json(json.loads(f.read_text(encoding="utf-8")), f)
-        if f.suffix == ".jsonl":
-            lines = f.read_text(encoding="utf-8").splitlines()
-            return [_from_record(json.loads(s), f) for s in lines if s.strip()]
         if f.suffix == ".parquet":
             import pyarrow.parquet as pq
 
             return [_from_record(r, f) for r in pq.read_table(f).to_pylist()]
-        paras = f.read_text(encoding="utf-8").split("\n\n")
-        return [QAItem(p.strip()) for p in paras if p.strip()]
+        text = _text(f)
+        if f.suffix == ".json":
+            return _from_json(json.loads(text), f)
+        if f.suffix == ".jsonl":
+            return [_from_record(json.loads(s), f) for s in text.splitlines() if s.strip()]
+        return [QAItem(p.strip()) for p in text.split("\n\n") if p.strip()]
+    except json.JSONDecodeError as e:
+        raise CalibrationError(str(f), f"is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
     except (ValueError, OSError) as e:
         raise CalibrationError(str(f), f"cannot read: {e}") from None
+
+
+def _text(f: Path) -> str:
+    data = f.read_bytes()
+    if not data.strip():
+        raise CalibrationError(str(f), "is empty")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise CalibrationError(str(f), f"is not UTF-8 text (byte {data[e.start]:#04x} at offset {e.start}); "
+                               "convert it, e.g. iconv -f latin1 -t utf-8") from None
 
 
 def _from_json(doc: Any, f: Path) -> list[QAItem]:
@@ -123,27 +141,44 @@ def _from_json(doc: Any, f: Path) -> list[QAItem]:
         return [_from_record(r, f) for r in doc]
     if not isinstance(doc, dict) or "data" not in doc:
         raise CalibrationError(str(f), "JSON is neither SQuAD-style ({'data': [...]}) nor a list of records")
+    try:
+        return [it for article in doc["data"] for it in _paragraph_items(article)]
+    except (KeyError, TypeError, AttributeError) as e:
+        what = f"missing key {e}" if isinstance(e, KeyError) else str(e)
+        raise CalibrationError(str(f), f"is not SQuAD-style JSON: {what} "
+                               "(expected data[].paragraphs[].context and qas[].question)") from None
+
+
+def _paragraph_items(article: dict[str, Any]) -> list[QAItem]:
     items = []
-    for article in doc["data"]:
-        for para in article.get("paragraphs", []):
-            qas = para.get("qas") or [{}]
-            for qa in qas:
-                answers = qa.get("answers") or [{}]
-                items.append(QAItem(para["context"], qa.get("question", ""), answers[0].get("text", "")))
+    for para in article.get("paragraphs", []):
+        for qa in para.get("qas") or [{}]:
+            answers = qa.get("answers") or [{}]
+            items.append(QAItem(_str(para["context"], "context"), _str(qa.get("question", ""), "question"),
+                                _str(answers[0].get("text", ""), "answer text")))
     return items
 
 
-def _from_record(r: dict[str, Any], f: Path) -> QAItem:
+def _str(v: Any, what: str) -> str:
+    if not isinstance(v, str):
+        raise TypeError(f"a {what} is {type(v).__name__}, not text")
+    return v
+
+
+def _from_record(r: Any, f: Path) -> QAItem:
     """JSONL/parquet rows: context/question/answers (HF squad layout) or a plain `text`."""
-    if "context" in r:
+    if not isinstance(r, dict):
+        raise CalibrationError(str(f), f"a record is {type(r).__name__}, not an object with 'context' or 'text'")
+    if isinstance(r.get("context"), str):
         ans = r.get("answers") or {}
-        text = ans.get("text") if isinstance(ans, dict) else [a.get("text", "") for a in ans]
+        text = ans.get("text") if isinstance(ans, dict) else [a.get("text", "") for a in ans if isinstance(a, dict)]
         if isinstance(text, str):
             text = [text]
-        return QAItem(r["context"], r.get("question") or "", (list(text) or [""])[0] or "")
-    if "text" in r:
+        first = (list(text or []) or [""])[0]
+        return QAItem(r["context"], str(r.get("question") or ""), first if isinstance(first, str) else "")
+    if isinstance(r.get("text"), str):
         return QAItem(r["text"])
-    raise CalibrationError(str(f), f"a record has neither 'context' nor 'text' (keys: {sorted(r)})")
+    raise CalibrationError(str(f), f"a record has neither 'context' nor 'text' as text (keys: {sorted(r)})")
 
 
 def _load_hub(repo: str, split: str, revision: str | None) -> list[QAItem]:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from . import __version__
+from . import __version__, atomic
 from .manifest import Manifest, VariantRecord
 from .plan import FORMAT_SUFFIX, Plan, Variant, repo_for
 from .recipe import Recipe, read_model_config, resolve_local_source
@@ -471,7 +471,7 @@ def write_cards(plan: Plan, manifest: Manifest, out_dir: Path, *, owner: str | N
             continue  # no files to describe: the pipeline rebuilds it
         old = path.read_text(encoding="utf-8") if path.is_file() else None
         if old != text:
-            path.write_text(text, encoding="utf-8")
+            atomic.write_text(path, text)  # a crash leaves the old card or the new, whole
         rec = manifest.variants[name]
         if rec.state == "evaluated" or (rec.state == "published" and old != text):
             manifest = manifest.with_variant(name, replace(rec, state="carded"))
@@ -501,10 +501,7 @@ def load_original_card(recipe: Recipe, *, out_dir: Path | None = None, fetch: bo
             pass
     card = _fetch_original(recipe) if fetch else OriginalCard(None, recipe.model.source, "not fetched")
     if cache is not None and fetch:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(".tmp")
-        tmp.write_text(json.dumps(card.to_json(), ensure_ascii=False), encoding="utf-8")
-        os.replace(tmp, cache)
+        atomic.write_text(cache, json.dumps(card.to_json(), ensure_ascii=False))
     return card
 
 

@@ -11,7 +11,7 @@ import platform
 import sys
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -22,9 +22,9 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from . import __version__
-from .errors import (BuildFailed, CalibrationError, EngineError, EngineUnavailable, EvalError, ManifestError,
-                     Problem, PublishError, QuantkitError, RecipeError, ResourceError, SourceError)
+from . import __version__, atomic
+from .errors import (BuildFailed, BusyError, CalibrationError, EngineError, EngineUnavailable, EvalError,
+                     ManifestError, Problem, PublishError, QuantkitError, RecipeError, ResourceError, SourceError)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Quantize and convert LLMs from one recipe: GPTQ, AWQ, GGUF, EXL2.")
@@ -40,6 +40,7 @@ EXIT_CODES: list[tuple[type[QuantkitError], int]] = [
     (ResourceError, 2),  # the machine cannot hold the build: fewer variants, or another machine
     (EngineUnavailable, 3),  # engine or toolchain not installed here
     (PublishError, 4),  # the Hub refused or could not be reached
+    (BusyError, 5),  # another run holds the output folder: try again later
     (BuildFailed, 1),  # some variants failed; the others are kept
     (EngineError, 1),
     (EvalError, 1),
@@ -69,6 +70,18 @@ def _run(fn: Callable[[], T]) -> T:
         return fn()
     except QuantkitError as e:
         raise _fail(e) from None
+
+
+@contextmanager
+def _locked(out_dir: Path, command: str) -> Iterator[None]:
+    """One run per output folder; a lock left by a killed run is taken over, and we say so."""
+    from .lock import hold
+
+    with hold(out_dir, command) as lk:
+        if lk.took_over:
+            err.print(f"note: took over the lock of {lk.took_over.describe()}, which ended without "
+                      "releasing it", highlight=False, markup=False)
+        yield
 
 
 def _plan(recipe: Path, out_dir: Path | None = None):
@@ -254,13 +267,16 @@ def _quiet_libraries() -> None:
 
 def _build_one(recipe: Path, out_dir: Path | None, only: list[str] | None, preflight: bool = True):
     from . import pipeline
+    from .source_check import check_recipe_source
 
     _quiet_libraries()
     p = _plan(recipe, out_dir)
-    if p.recipe.calibration.dataset is None:
-        err.print("• calibration: the German sample shipped in calibration/ (no \\[calibration] dataset set)")
-    with _progress() as rep:
-        res = pipeline.build(p, only=only, report=rep, preflight=preflight)
+    check_recipe_source(p.recipe)
+    with _locked(p.out_dir, "build"):  # first: a refused run prints only why
+        if p.recipe.calibration.dataset is None:
+            err.print("• calibration: the German sample shipped in calibration/ (no \\[calibration] dataset set)")
+        with _progress() as rep:
+            res = pipeline.build(p, only=only, report=rep, preflight=preflight)
     return p, res
 
 
@@ -282,11 +298,13 @@ def build(recipe: RecipeArg, out_dir: OutOpt = None, only: OnlyOpt = None, no_pr
 def eval_(recipe: RecipeArg, out_dir: OutOpt = None, only: OnlyOpt = None) -> None:
     """Evaluate built variants again against the unquantized model (builds nothing)."""
     from . import pipeline
+    from .source_check import check_recipe_source
 
     def run():
         _quiet_libraries()
         p = _plan(recipe, out_dir)
-        with _progress() as rep:
+        check_recipe_source(p.recipe)
+        with _locked(p.out_dir, "eval"), _progress() as rep:
             return p, pipeline.reevaluate(p, only=only, report=rep)
 
     p, res = _run(run)
@@ -303,11 +321,12 @@ def card(recipe: RecipeArg, out_dir: OutOpt = None) -> None:
 
     def run():
         p = _plan(recipe, out_dir)
-        m = load_manifest(p.out_dir)
-        if m is None:
-            raise ManifestError(str(p.out_dir / "manifest.json"), "not built yet: run `quantkit build` first")
-        m = cards.write_cards(p, m, p.out_dir)
-        save_manifest(p.out_dir, m)
+        with _locked(p.out_dir, "card"):
+            m = load_manifest(p.out_dir)
+            if m is None:
+                raise ManifestError(str(p.out_dir / "manifest.json"), "not built yet: run `quantkit build` first")
+            m = cards.write_cards(p, m, p.out_dir)
+            save_manifest(p.out_dir, m)
         return p, m
 
     p, m = _run(run)
@@ -334,12 +353,14 @@ def _publish_one(recipe: Path, out_dir: Path | None, only: list[str] | None, dry
     from .manifest import load_manifest, save_manifest
 
     p = _plan(recipe, out_dir)
-    m = load_manifest(p.out_dir)
-    if m is None:
-        raise ManifestError(str(p.out_dir / "manifest.json"), "not built yet: run `quantkit build` first")
-    report = pub.publish(p, m, p.out_dir, dry_run=dry_run, only=only)
-    if not dry_run:
-        save_manifest(p.out_dir, report.manifest)
+    # A dry run writes nothing, so it may look at a folder another run is working on.
+    with nullcontext() if dry_run else _locked(p.out_dir, "publish"):
+        m = load_manifest(p.out_dir)
+        if m is None:
+            raise ManifestError(str(p.out_dir / "manifest.json"), "not built yet: run `quantkit build` first")
+        report = pub.publish(p, m, p.out_dir, dry_run=dry_run, only=only)
+        if not dry_run:
+            save_manifest(p.out_dir, report.manifest)
     return report
 
 
@@ -425,8 +446,10 @@ def _calib(recipe: Path):
 
     from .calibration import build_calibration, language_warning
     from .recipe import load_recipe, resolve_local_source
+    from .source_check import check_recipe_source
 
     r = load_recipe(recipe)
+    check_recipe_source(r)
     local = resolve_local_source(r)
     tok = AutoTokenizer.from_pretrained(str(local) if local else r.model.source,
                                         revision=None if local else r.model.revision)
@@ -450,8 +473,7 @@ def init(model: Annotated[str, typer.Argument(help="Hub id or local folder of th
     path = output or Path("recipes") / f"{name}.toml"
     if path.exists() and not force:
         raise _fail(QuantkitError(f"{path} exists; use --force to overwrite it"))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(starter_recipe(model), encoding="utf-8")
+    atomic.write_text(path, starter_recipe(model))
     out.print(f"wrote {path}")
 
 

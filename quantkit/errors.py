@@ -79,6 +79,15 @@ class PublishError(QuantkitError):
         super().__init__(f"publish {where}: {reason}")
 
 
+class BusyError(QuantkitError):
+    """Another quantkit run holds the output folder's lock."""
+
+    def __init__(self, lock_path: str, holder: str, hint: str):
+        self.lock_path = lock_path
+        self.holder = holder
+        super().__init__(f"{lock_path}: {holder} is using this output folder; {hint}")
+
+
 class BuildFailed(QuantkitError):
     """Some variants failed; the others were kept. Carries name → reason."""
 

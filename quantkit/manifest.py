@@ -6,12 +6,11 @@ A re-run skips what the manifest proves done; a killed run resumes where it stop
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from . import atomic
 from .engines.base import FileEntry
 from .errors import ManifestError
 
@@ -71,26 +70,47 @@ class Manifest:
 
 
 def load_manifest(out_dir: Path) -> Manifest | None:
+    """The build state, or None before the first build. A file that is not a manifest (edited
+    by hand, damaged) raises ManifestError saying how to start over."""
     path = out_dir / MANIFEST
     if not path.is_file():
         return None
     try:
         d = json.loads(path.read_text(encoding="utf-8"))
-        return Manifest(d["recipe_sha256"], {k: VariantRecord.from_json(v) for k, v in d["variants"].items()},
-                        d.get("calibration", {}), d.get("source", {}))
-    except (ValueError, KeyError, TypeError) as e:
-        raise ManifestError(str(path), f"unreadable manifest ({e}); move it away to rebuild") from None
+    except (ValueError, OSError) as e:
+        raise ManifestError(str(path), f"{_why_unreadable(e)}; {_REBUILD.format(path=path)}") from None
+    try:
+        return _from_json(d)
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        what = f"missing {e}" if isinstance(e, KeyError) else str(e)
+        raise ManifestError(str(path), f"not a quantkit manifest ({what}); {_REBUILD.format(path=path)}") from None
+
+
+# Moving the file away makes the next build start from nothing: every variant is rebuilt.
+_REBUILD = "move it away (mv {path} {path}.bad) and run `quantkit build` again to rebuild every variant"
+
+
+def _why_unreadable(e: Exception) -> str:
+    if isinstance(e, json.JSONDecodeError):
+        return f"not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})"
+    if isinstance(e, UnicodeDecodeError):
+        return f"not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})"
+    return f"cannot read it ({e})"
+
+
+def _from_json(d: Any) -> Manifest:
+    if not isinstance(d, dict) or not isinstance(d.get("variants"), dict):
+        raise ValueError("no 'variants' object")
+    variants = {}
+    for name, v in d["variants"].items():
+        rec = VariantRecord.from_json(v)
+        if rec.state not in STATES:
+            raise ValueError(f"variant {name}: unknown state {rec.state!r}")
+        variants[name] = rec
+    return Manifest(str(d["recipe_sha256"]), variants, d.get("calibration", {}), d.get("source", {}))
 
 
 def save_manifest(out_dir: Path, m: Manifest) -> Path:
-    """Write to a temp file in the same folder, fsync, rename: never a half-written manifest."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / MANIFEST
-    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".manifest.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(m.to_json(), f, indent=2, sort_keys=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return path
+    """Temp file, fsync, rename (quantkit.atomic): never a half-written manifest."""
+    text = json.dumps(m.to_json(), indent=2, sort_keys=True) + "\n"
+    return atomic.write_text(out_dir / MANIFEST, text)

@@ -5,9 +5,11 @@ first: files whose remote LFS sha256 (or git blob id, for small files) equals th
 skipped, so a re-run with nothing changed makes no commit and uploads nothing. Local sha256s
 are cached by path, size and mtime, so multi-GB files are read once. Non-main branches start
 empty from the repo's initial commit, never as a copy of main. The commit POST is retried on
-429/5xx with backoff and `parent_commit`, so a retry can never fork the branch; when an
-attempt landed but its answer was lost, the retry sees the branch moved, finds our files
-there and takes that commit.
+429/5xx with backoff (or the server's Retry-After) and `parent_commit`, so a retry can never
+fork the branch; when an attempt landed but its answer was lost, the retry sees the branch
+moved, finds our files there and takes that commit. The other requests huggingface_hub sends
+only once (refs, branch and repo creation, whoami) and the LFS upload are idempotent and
+retried the same way.
 
 The token (HF_TOKEN or the `hf auth login` store) is only handed to huggingface_hub; it never
 appears in reports, errors, manifests or cards.
@@ -18,14 +20,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from . import card
+from . import atomic, card
 from .engines.base import ProgressFn, sha256_file
 from .errors import PublishError
 from .manifest import Manifest, VariantRecord
@@ -34,7 +35,7 @@ from .plan import Plan, Variant, repo_for
 if TYPE_CHECKING:
     from huggingface_hub import HfApi
 
-COMMIT_ATTEMPTS = 5  # commit POSTs per branch before giving up
+COMMIT_ATTEMPTS = 5  # tries of one Hub request (a commit POST, ...) before giving up
 BACKOFF_SECONDS = 1.0  # first wait; doubles per attempt
 BACKOFF_MAX = 30.0
 RETRY_AFTER_MAX = 300.0  # a server's Retry-After is honoured up to this
@@ -44,6 +45,7 @@ KEEP = frozenset({".gitattributes"})  # files of the Hub's initial commit a bran
 HASH_CACHE = ".quantkit-hashes.json"  # in the build folder, never uploaded
 
 _sleep: Callable[[float], None] = time.sleep  # tests replace it
+T = TypeVar("T")
 
 
 # ---------------------------------------------------------------- reports
@@ -178,11 +180,7 @@ class HashCache:
     def save(self) -> None:
         if not self.dirty:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".hashes.", suffix=".tmp")
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(self.entries, fh)
-        os.replace(tmp, self.path)
+        atomic.write_text(self.path, json.dumps(self.entries))
         self.dirty = False
 
 
@@ -245,6 +243,36 @@ def _retry_after(e: BaseException) -> float | None:
         return None
 
 
+def _transient(e: BaseException) -> bool:
+    """Worth the same request again: rate limited, a server error, or the network failed."""
+    status = _status(e)
+    return status in RETRY_STATUS or (status is None and _is_transport_error(e))
+
+
+def _backoff(e: BaseException, attempt: int) -> float:
+    """The server's Retry-After when it sent one, else exponential backoff."""
+    wait = _retry_after(e)
+    if wait is not None:
+        return min(RETRY_AFTER_MAX, wait)
+    return min(BACKOFF_MAX, BACKOFF_SECONDS * 2 ** (attempt - 1))
+
+
+def _retrying(call: Callable[[], T], tries: list[int] | None = None) -> T:
+    """Send an idempotent Hub request again on transient failures: the commit, and the requests
+    huggingface_hub sends only once (refs, branch and repo creation, whoami). `tries` gets
+    one entry per attempt."""
+    for attempt in range(1, COMMIT_ATTEMPTS + 1):
+        if tries is not None:
+            tries.append(attempt)
+        try:
+            return call()
+        except Exception as e:
+            if not _transient(e) or attempt == COMMIT_ATTEMPTS:
+                raise
+            _sleep(_backoff(e, attempt))
+    raise AssertionError("unreachable")
+
+
 class _Remote:
     """One repo's refs and trees; trees are cached by commit id (new branches share one)."""
 
@@ -259,7 +287,7 @@ class _Remote:
         from huggingface_hub.errors import RepositoryNotFoundError
 
         try:
-            refs = self.api.list_repo_refs(self.repo)
+            refs = _retrying(lambda: self.api.list_repo_refs(self.repo))
         except RepositoryNotFoundError:
             return False
         self.refs = {b.name: b.target_commit for b in refs.branches}
@@ -277,9 +305,13 @@ class _Remote:
         """An empty branch from the repo's initial commit; returns its commit id."""
         if self._initial is None:
             self._initial = self.api.list_repo_commits(self.repo, revision="main")[-1].commit_id
-        self.api.create_branch(self.repo, branch=branch, revision=self._initial)
-        self.refs[branch] = self._initial
-        return self._initial
+        initial, tries = self._initial, []
+        _retrying(lambda: self.api.create_branch(self.repo, branch=branch, revision=initial, exist_ok=True), tries)
+        if len(tries) > 1:  # an attempt whose answer was lost may have created it: read where it is
+            self.load_refs()
+            return self.refs.setdefault(branch, initial)
+        self.refs[branch] = initial
+        return initial
 
 
 def _same(remote: Any, local: LocalFile) -> bool:
@@ -373,27 +405,21 @@ def _upload(ctx: _Ctx, repo: str, branch: str, ops: list[Any]) -> None:
 
 def _commit(ctx: _Ctx, remote: _Remote, branch: str, ops: list[Any], parent: str, message: str,
             local: list[LocalFile], tries: list[int]) -> str:
-    """Create the commit; retry on 429/5xx and lost answers without ever forking the branch.
-    `tries` gets one entry per POST sent."""
-    for attempt in range(1, COMMIT_ATTEMPTS + 1):
-        tries.append(attempt)
+    """Create the commit; retried on 429/5xx and lost answers without ever forking the branch:
+    with `parent_commit`, a repeat of a POST that landed fails with 412. `tries` gets one
+    entry per POST sent."""
+    def post() -> str:
         try:
             info = ctx.api.create_commit(remote.repo, ops, commit_message=message, revision=branch,
                                          parent_commit=parent)
             return str(info.oid)
         except Exception as e:
-            status = _status(e)
-            if status in MOVED_STATUS and attempt > 1:
-                landed = _landed(remote, branch, local)
-                if landed:
-                    return landed  # an earlier attempt landed; its answer was lost
-            retry = status in RETRY_STATUS or (status is None and _is_transport_error(e))
-            if not retry or attempt == COMMIT_ATTEMPTS:
-                raise
-            wait = _retry_after(e)
-            _sleep(min(BACKOFF_MAX, BACKOFF_SECONDS * 2 ** (attempt - 1)) if wait is None
-                   else min(RETRY_AFTER_MAX, wait))
-    raise AssertionError("unreachable")
+            landed = _landed(remote, branch, local) if _status(e) in MOVED_STATUS and len(tries) > 1 else None
+            if landed:
+                return landed  # an earlier attempt landed; its answer was lost
+            raise
+
+    return _retrying(post, tries)
 
 
 def _landed(remote: _Remote, branch: str, local: list[LocalFile]) -> str | None:
@@ -429,7 +455,8 @@ def _branch(ctx: _Ctx, remote: _Remote | None, v: Variant, repo: str, rec: Varia
     tries: list[int] = []
     try:
         ops = _operations(added, removed)
-        _upload(ctx, repo, v.branch, ops)
+        # Content-addressed and skipping what already arrived: safe to run again.
+        _retrying(lambda: _upload(ctx, repo, v.branch, ops))
         message = f"{v.name}: {len(added)} file(s) added or changed, {len(removed)} removed"
         commit = _commit(ctx, remote, v.branch, ops, head, message, local, tries)
     except Exception as e:  # noqa: BLE001 - the report keeps what was planned and why it failed
@@ -451,7 +478,7 @@ def _owner(plan: Plan, api: HfApi, token: str | None, variants: list[Variant]) -
         raise PublishError(variants[0].repo, "no [publish] owner and no Hub token to ask for one: "
                            "set HF_TOKEN or run `hf auth login`")
     try:
-        return str(api.whoami(token=token)["name"])
+        return str(_retrying(lambda: api.whoami(token=token))["name"])
     except Exception as e:  # noqa: BLE001 - one message whatever the cause
         raise PublishError(variants[0].repo, _scrub(f"cannot ask the Hub who the token belongs to: {e}",
                                                     token)) from None
@@ -481,7 +508,7 @@ def _readmes(ctx: _Ctx, manifest: Manifest, owner: str | None, ready: list[Varia
         for name, text in texts.items():
             path = ctx.out_dir / name / card.README
             if path.parent.is_dir() and (not path.is_file() or path.read_text(encoding="utf-8") != text):
-                path.write_text(text, encoding="utf-8")
+                atomic.write_text(path, text)
     return texts
 
 
@@ -561,7 +588,7 @@ def _open_repo(ctx: _Ctx, repo: str) -> tuple[RepoReport, _Remote | None]:
             return RepoReport(repo, private, created=False), remote
         if ctx.dry_run:
             return RepoReport(repo, private, created=True), None
-        ctx.api.create_repo(repo, private=private, exist_ok=True)
+        _retrying(lambda: ctx.api.create_repo(repo, private=private, exist_ok=True))
         if not remote.load_refs():
             return RepoReport(repo, private, True, f"created {repo} but cannot read it back"), None
         return RepoReport(repo, private, created=True), remote

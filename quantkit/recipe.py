@@ -25,6 +25,7 @@ else:  # pragma: no cover
 
 FORMATS = ("gptq", "awq", "gguf", "exl2")
 GROUP_SIZES = (-1, 32, 64, 128, 256, 1024)
+MAX_RECIPE_BYTES = 1_000_000  # the longest real recipe is a few KB
 
 # GGUF types llama-quantize writes: name -> (approximate bits per weight on a large
 # Llama, needs an importance matrix). Approximate values are llama.cpp's own table.
@@ -274,11 +275,26 @@ class _RecipeFile(_Frozen):
 def load_recipe(path: str | Path, *, check_source: bool = True) -> Recipe:
     """Read and validate a recipe file; raise RecipeError listing every problem."""
     p = Path(path)
+    return parse_recipe(_read_recipe(p), file=str(p), base_dir=p.parent, check_source=check_source)
+
+
+def _read_recipe(p: Path) -> str:
+    """The file's text; a folder, a huge file or non-UTF-8 bytes are one clear problem each."""
+    def bad(message: str) -> RecipeError:
+        return RecipeError(str(p), [Problem("<file>", message)])
+
     try:
-        text = p.read_text(encoding="utf-8")
+        if p.is_dir():
+            raise bad("is a folder, not a recipe file")
+        size = p.stat().st_size
+        if size > MAX_RECIPE_BYTES:  # read nothing: it is not a recipe, and parsing it would take long
+            raise bad(f"is {size / 1e6:.1f} MB; a recipe is a small TOML file (at most "
+                      f"{MAX_RECIPE_BYTES // 1_000_000} MB)")
+        return p.read_bytes().decode("utf-8")
     except OSError as e:
-        raise RecipeError(str(p), [Problem("<file>", e.strerror or str(e))]) from None
-    return parse_recipe(text, file=str(p), base_dir=p.parent, check_source=check_source)
+        raise bad(e.strerror or str(e)) from None
+    except UnicodeDecodeError as e:
+        raise bad(f"is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})") from None
 
 
 def parse_recipe(text: str, *, file: str = "<recipe>", base_dir: str | Path = ".",

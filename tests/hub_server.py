@@ -5,8 +5,10 @@ over HTTP against this one. It speaks the endpoints huggingface_hub 2.x uses to 
 and branches, upload through plain LFS (run the client with HF_HUB_DISABLE_XET=1; the Xet
 token route answers 404 like a server without Xet), commit (NDJSON), list trees and download
 (model and dataset repos). It counts every request (method, path, status, bytes each way)
-and injects faults: a connection dropped mid-upload, an error status on a route, a commit
-applied whose response never arrives.
+and injects faults: scripted ones (a connection dropped mid-upload, an error status on a
+route, a commit applied whose response never arrives) and random ones at a set rate, seeded
+(`hub.faults.at_random(0.1, seed=3)`: 5xx, 429 with Retry-After, resets, slow and lost answers),
+recording whether each 429's Retry-After was waited out.
 
     with HubServer() as hub:            # hub.url, hub.token, hub.user
         hub.seed("deepset/germanquad", {"data/train.json": b"..."}, repo_type="dataset")
@@ -21,6 +23,7 @@ import contextlib
 import fnmatch
 import hashlib
 import json
+import random
 import re
 import socket
 import threading
@@ -138,13 +141,81 @@ class _Fault:
     headers: dict[str, str] = field(default_factory=dict)
 
 
+# What a random fault does (RandomFaults.kinds):
+RANDOM_KINDS = (
+    "5xx",    # 500/502/503/504 before the request does anything
+    "429",    # Too Many Requests with Retry-After; the retry must not come sooner
+    "reset",  # connection closed mid-request (half the body read), nothing done
+    "slow",   # answered normally after a delay
+    "lost",   # the request takes effect, then the connection closes: the answer is lost
+)
+_REV = re.compile(r"(?<![0-9a-f])[0-9a-f]{40}(?![0-9a-f])")  # commit ids differ from server to server
+
+
+@dataclass(frozen=True)
+class RandomFaults:
+    """Each request fails with probability `rate`, in one of `kinds`. Seeded per request: the
+    draw depends on (seed, method, path with commit ids blanked, how often that path was
+    asked before), so thread interleaving does not change which request fails how."""
+
+    rate: float
+    seed: int
+    kinds: tuple[str, ...] = RANDOM_KINDS
+    retry_after: int = 1  # seconds (integers: what the Retry-After header allows)
+    slow: tuple[float, float] = (0.1, 0.5)  # delay range of "slow"
+
+    def draw(self, key: str, n: int) -> tuple[str, random.Random] | None:
+        rng = random.Random(f"{self.seed}\0{key}\0{n}")
+        if rng.random() >= self.rate:
+            return None
+        return rng.choice(self.kinds), rng
+
+
 class Faults:
-    """Scripted failures, each matching a method and a path regex, each firing `times` times."""
+    """Scripted failures, each matching a method and a path regex, each firing `times` times;
+    and random ones at a set rate (`at_random`)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._faults: list[_Fault] = []
         self.fired: list[tuple[str, str, str]] = []  # (action, method, path)
+        self.random: RandomFaults | None = None
+        self._seen: dict[str, int] = {}  # normalized "METHOD path" -> requests so far
+        self._not_before: dict[str, float] = {}  # key -> when a 429's Retry-After ends
+        self.early: list[tuple[str, float]] = []  # (key, seconds too early): Retry-After ignored
+        self.waited: list[tuple[str, float]] = []  # (key, seconds waited after a 429)
+
+    def at_random(self, rate: float, seed: int, **kw: Any) -> RandomFaults:
+        with self._lock:
+            self.random = RandomFaults(rate, seed, **kw)
+            self._seen.clear()
+            return self.random
+
+    def draw(self, method: str, path: str) -> tuple[str, random.Random] | None:
+        """The random fault for this request, if any; also checks it against an earlier 429."""
+        key = f"{method} {_REV.sub('<rev>', path)}"
+        with self._lock:
+            self._check_retry_after(key)
+            if self.random is None:
+                return None
+            n = self._seen.get(key, 0)
+            self._seen[key] = n + 1
+            got = self.random.draw(key, n)
+            if got is not None:
+                self.fired.append((got[0], method, path))
+                if got[0] == "429":
+                    self._not_before[key] = time.monotonic() + self.random.retry_after
+            return got
+
+    def _check_retry_after(self, key: str) -> None:
+        until = self._not_before.pop(key, None)
+        if until is None:
+            return
+        now = time.monotonic()
+        assert self.random is not None
+        self.waited.append((key, self.random.retry_after + now - until))
+        if now < until:
+            self.early.append((key, until - now))
 
     def add(self, method: str, path_regex: str, *, times: int = 1, action: str = "status",
             status: int = 500, after_bytes: int = 0, headers: dict[str, str] | None = None) -> None:
@@ -171,6 +242,7 @@ class Faults:
     def clear(self) -> None:
         with self._lock:
             self._faults.clear()
+            self.random = None
 
     def take(self, method: str, path: str) -> _Fault | None:
         with self._lock:
@@ -417,6 +489,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _answer(self, method: str, path: str) -> tuple[int, Any, dict[str, str]]:
         hub = self.server_state
+        drawn = hub.faults.draw(method, path)
+        if drawn is not None:
+            return self._random_fault(method, path, *drawn)
         fault = hub.faults.take(method, path)
         if fault and fault.action == "drop_body":
             self._read_body(limit=fault.after_bytes)
@@ -427,12 +502,39 @@ class _Handler(BaseHTTPRequestHandler):
         if fault and fault.action == "echo_auth":  # a careless server quoting the credentials
             said = f"injected {fault.status}; you sent {self.headers.get('Authorization')}"
             raise HubError(fault.status, said, body={"error": said}, headers=fault.headers)
-        handler, groups = self._route(method, path)
-        with hub.lock:
-            answer = getattr(self, "h_" + handler)(body, **groups)
+        answer = self._handle(method, path, body)
         if fault and fault.action == "drop_response":
             raise _Drop()
         return answer
+
+    def _random_fault(self, method: str, path: str, kind: str, rng: random.Random) -> tuple[int, Any, dict[str, str]]:
+        rf = self.server_state.faults.random
+        assert rf is not None
+        if kind == "reset":
+            self._read_body(limit=self._body_length() // 2)
+            raise _Drop()
+        if kind == "slow":
+            time.sleep(rng.uniform(*rf.slow))
+            return self._handle(method, path, self._read_body())
+        if kind == "lost":
+            self._handle(method, path, self._read_body())
+            raise _Drop()
+        self._read_body()
+        if kind == "429":
+            raise HubError(429, "injected: too many requests", headers={"Retry-After": str(rf.retry_after)})
+        status = rng.choice((500, 502, 503, 504))
+        raise HubError(status, f"injected {status}")
+
+    def _handle(self, method: str, path: str, body: bytes) -> tuple[int, Any, dict[str, str]]:
+        handler, groups = self._route(method, path)
+        with self.server_state.lock:
+            return getattr(self, "h_" + handler)(body, **groups)
+
+    def _body_length(self) -> int:
+        """Bytes the request announced (a chunked body: treated as 64 KiB)."""
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            return 65536
+        return int(self.headers.get("Content-Length") or 0)
 
     def _log(self, method: str, path: str, status: int, out: bytes, t0: float) -> None:
         hub = self.server_state
@@ -878,5 +980,5 @@ def _route_name(method: str, path: str) -> str:
     return next((name for m, rx, name in ROUTES if m == method and rx.match(path)), "unknown")
 
 
-__all__ = ["HubServer", "Faults", "RequestRecord", "use_hub", "summarize", "validate_card_metadata",
-           "git_blob_oid", "lfs_pointer"]
+__all__ = ["HubServer", "Faults", "RandomFaults", "RANDOM_KINDS", "RequestRecord", "use_hub", "summarize",
+           "validate_card_metadata", "git_blob_oid", "lfs_pointer"]
