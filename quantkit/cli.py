@@ -7,6 +7,7 @@ EXIT_CODES; no traceback reaches the user for input mistakes.
 from __future__ import annotations
 
 import json
+import logging
 import platform
 import sys
 import time
@@ -352,6 +353,7 @@ def _publish_one(recipe: Path, out_dir: Path | None, only: list[str] | None, dry
     from .errors import ManifestError
     from .manifest import load_manifest, save_manifest
 
+    logging.getLogger("huggingface_hub").setLevel(logging.ERROR)  # its retry warnings; ours say more
     p = _plan(recipe, out_dir)
     # A dry run writes nothing, so it may look at a folder another run is working on.
     with nullcontext() if dry_run else _locked(p.out_dir, "publish"):

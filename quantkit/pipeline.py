@@ -28,6 +28,7 @@ from .evaluate import EvalSet, Quality, Reference, compute_reference, make_eval_
 from .manifest import Manifest, VariantRecord, load_manifest, save_manifest
 from .plan import Plan, Variant, cache_key
 from .recipe import Recipe, resolve_local_source
+from .source_check import check_source_folder
 
 WORK = ".work"  # scratch inside the build folder: reference logits, shared engine files
 
@@ -75,6 +76,7 @@ def resolve_source(recipe: Recipe) -> SourceModel:
                                                       "*.txt", "*.py", "README.md"]))
     except Exception as e:  # noqa: BLE001 - network, auth, missing repo: one message
         raise SourceError(recipe.model.source, f"cannot download: {e}") from None
+    check_source_folder(path, recipe.model.source)
     return _source_record(recipe.model.source, path, path.name, path.name)
 
 
@@ -392,8 +394,14 @@ def _build_files(v: Variant, inputs: _Inputs, engine: Any, version: str) -> Arti
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     seconds = time.perf_counter() - t0
-    shutil.rmtree(out, ignore_errors=True)
+    # Swap by renames: a kill leaves the old folder, the new one or neither at `out`, never
+    # half of one (the manifest's size check rebuilds a missing one).
+    old = out.with_name(f".{out.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if out.exists():
+        out.rename(old)
     tmp.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
     files = file_entries(out)
     if not any(f.path.endswith((".safetensors", ".gguf")) for f in files):
         raise EngineError(engine.name, "wrote no weight files", v.name)

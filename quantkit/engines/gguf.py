@@ -114,13 +114,31 @@ def _run(cmd: Sequence[str | Path], *, env: dict[str, str] | None = None, cwd: P
     lines: list[str] = []
     try:
         p = subprocess.Popen([str(c) for c in cmd], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                             text=True, errors="replace", env=env, cwd=cwd)
+                             text=True, errors="replace", env=env, cwd=cwd, preexec_fn=_die_with_parent)
     except OSError as e:
         raise EngineUnavailable("gguf", f"cannot run {cmd[0]}: {e.strerror}") from None
     assert p.stdout is not None
     for line in p.stdout:
         lines.append(line.rstrip())
     return _Result(p.wait(), "\n".join(lines[-400:]))
+
+
+def _libc_prctl() -> Any:
+    try:
+        import ctypes
+
+        return ctypes.CDLL("libc.so.6").prctl
+    except (OSError, AttributeError):  # not glibc Linux
+        return None
+
+
+_PRCTL = _libc_prctl()  # bound before any fork: the child only calls it
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: a killed build takes its llama.cpp tools with it."""
+    if _PRCTL is not None:
+        _PRCTL(1, 9)  # PR_SET_PDEATHSIG, SIGKILL
 
 
 # llama.cpp output lines that explain a failure, most specific first.
