@@ -438,6 +438,7 @@ def estimate(shape: ModelShape, work: Workload, machine: Machine, bits: int, gro
     """GPTQModel quantizing layer by layer (`passes`: forward passes over the calibration
     tokens per layer), then the reload through transformers (bf16) for scoring."""
     out = packed_bytes(shape, bits, group_size)
+    offload = out - (shape.params - shape.linear_params) * 2  # finished layers, on disk until saved
     unquantized = (shape.params - shape.layers * shape.layer_params) * 2
     hessians = 4 * (6 * shape.hidden**2 + shape.intermediate**2)
     inputs = work.calib_tokens * shape.hidden * 2 * 2  # the layer's inputs and outputs, bf16
@@ -447,11 +448,12 @@ def estimate(shape: ModelShape, work: Workload, machine: Machine, bits: int, gro
     tflop = _work_tflop(shape, work, passes)
     if machine.device == "cuda":
         seconds = tflop * 1e12 / (GPU_FLOPS_SHARE * machine.gpu_flops) + score / machine.gpu_flops
-        return Estimate(int(PROCESS_BASE + unquantized + inputs), int(at_work + out), out, seconds, "quantize")
+        return Estimate(int(PROCESS_BASE + unquantized + inputs), int(at_work + out), out + offload, seconds,
+                        "quantize")
     quant = PROCESS_BASE + unquantized + at_work
     seconds = tflop * CPU_SECONDS_PER_TFLOP * 2 / machine.cores + score / machine.cpu_flops
     ram, stage = max((quant, "quantize"), (reload, "reload and score"))
-    return Estimate(int(ram), 0, out, seconds, stage)
+    return Estimate(int(ram), 0, out + offload, seconds, stage)
 
 
 def is_installed(module: str) -> bool:
