@@ -553,9 +553,9 @@ def shared_estimate(shape: ModelShape, work: Workload, machine: Machine) -> Esti
 
 
 def variant_estimate(quant: str, shape: ModelShape, work: Workload, machine: Machine) -> Estimate:
-    """One type: llama-quantize (one job per core, each with an f32 copy of its largest
+    """One type: llama-quantize (up to MAX_JOBS at once, each with an f32 copy of its largest
     tensor), then scoring through llama-cpp-python (logits of every position, KV cache)."""
-    jobs = max(1, machine.cores)
+    jobs = max(1, min(machine.cores, MAX_JOBS))
     quantize = PROCESS_BASE + jobs * (QUANT_BASE + 4 * shape.largest_tensor)
     score = PROCESS_BASE + SCORE_BASE + shape.kv_bytes(work.eval_ctx) + 2 * work.eval_ctx * shape.vocab * 4
     rate = QUANT_BYTES_PER_S.get(quant, KQUANT_BYTES_PER_S) * machine.cores / 2
@@ -629,9 +629,12 @@ def _cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+MAX_JOBS = 2  # llama-quantize threads itself; more jobs only add one f32 tensor copy each
+
+
 def parallel_jobs(n_types: int, base_bytes: int) -> int:
-    """llama-quantize runs at once: at most one per core, and what RAM allows (each holds a
-    few tensors in f32 next to the shared, memory-mapped 16-bit file)."""
+    """llama-quantize runs at once: at most one per core, MAX_JOBS, and what RAM allows (each
+    holds a few tensors in f32 next to the shared, memory-mapped 16-bit file)."""
     try:
         import psutil
 
@@ -640,4 +643,4 @@ def parallel_jobs(n_types: int, base_bytes: int) -> int:
         avail = 8 << 30
     per_job = 512 * MB + base_bytes // 8
     by_ram = max(1, int((avail - base_bytes) // per_job))
-    return max(1, min(n_types, _cores(), by_ram))
+    return max(1, min(n_types, _cores(), by_ram, MAX_JOBS))
