@@ -73,26 +73,29 @@ RUN --mount=type=bind,from=toolchain-context,target=/tmp/qk --mount=type=cache,t
     --mount=type=secret,id=pip_cert,target=/etc/ssl/certs/ca-certificates.crt \
     PYTHONPATH=/tmp/qk python -m quantkit.engines.llamacpp build \
     && cd "$QUANTKIT_CACHE/llama.cpp/build" \
-    && if grep -q -- -march=native build.ninja; then echo "build.ninja: code for the build machine only" >&2; exit 1; fi \
+    && if grep -q -- -march=native build.ninja; then echo "build.ninja targets the build CPU" >&2; exit 1; fi \
     && find . -mindepth 1 -maxdepth 1 ! -name bin ! -name CMakeCache.txt ! -name build.ninja -exec rm -rf {} + \
     && cd "$QUANTKIT_CACHE/src/llama_cpp_python-"*/vendor/llama.cpp \
     && rm -rf docs tests benches examples models/ggml-vocab-* "$QUANTKIT_CACHE/wheels" /tmp/quantkit-*.log
 
+# The package, editable: it reads calibration/ from beside quantkit/. Offline: the build backend
+# is the venv's own setuptools.
 WORKDIR /opt/quantkit
 COPY pyproject.toml README.md constraints.txt ./
 COPY quantkit ./quantkit
 COPY calibration ./calibration
 COPY recipes ./recipes
-RUN pip install -q --no-cache-dir --no-deps -e . && quantkit --help > /dev/null
+RUN pip install -q --no-cache-dir --no-build-isolation --no-deps -e . && quantkit --help > /dev/null
 
-# Any --user uid may run it: caches go to /cache (the Hugging Face cache and compiled kernels),
-# and /cache and HOME are writable by all (sticky, like /tmp).
+# Any --user uid may run it: caches go to /cache (the Hugging Face cache and compiled kernels);
+# /cache, HOME and /work (GPTQModel writes logs/ into the working folder) are writable by all,
+# sticky like /tmp.
 ENV HOME=/home/quantkit XDG_CACHE_HOME=/cache HF_HOME=/cache/huggingface \
     GPTQMODEL_TORCH_EXTENSIONS_DIR=/cache/gptqmodel TRITON_CACHE_DIR=/cache/triton
 RUN useradd --uid 10001 --user-group --create-home quantkit \
     && mkdir -p /work/recipes /work/build /cache/huggingface \
-    && chown quantkit:quantkit /work /work/recipes /work/build \
-    && chmod 1777 /cache /cache/huggingface /home/quantkit
+    && chown quantkit:quantkit /work/recipes /work/build \
+    && chmod 1777 /work /cache /cache/huggingface /home/quantkit
 USER quantkit
 WORKDIR /work
 VOLUME ["/work/recipes", "/work/build", "/cache"]

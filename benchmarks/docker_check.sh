@@ -15,8 +15,9 @@
 #                the mirror apt uses when missing and run as root)
 #   TORCH_WHEEL  a CPU torch wheel to build with, where download.pytorch.org is out of reach
 #   PIP_CERT     a CA bundle pip must trust inside the build (handed over as a BuildKit secret)
-#   PY           python with quantkit's dependencies (default .venv/bin/python): builds the demo
-#                model and runs the Hub stand-in on the host
+#   MODEL        the SmolLM2 checkpoint to give the demo recipe (default: built, or taken from
+#                the test cache, by PY: a python with quantkit's dependencies, .venv/bin/python)
+# The Hub stand-in and the summary run on the host with python3 (standard library only).
 #   IMAGE        tag to build (default quantkit:cpu); NO_CACHE=1 builds every layer afresh;
 #                KEEP=1 keeps the work folder
 set -euo pipefail
@@ -25,7 +26,6 @@ DOCKER=${DOCKER:-docker}
 BASE=${BASE:-local/debian:bookworm}
 IMAGE=${IMAGE:-quantkit:cpu}
 PY=${PY:-.venv/bin/python}
-case $PY in */*) PY="$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY")" ;; esac  # not resolved: a venv's link
 RUN_AS="$(id -u):$(id -g)"
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/quantkit-docker.XXXXXX")
 HUB_PID=""
@@ -66,7 +66,7 @@ docker_build() {
 build_image() {
     local args=(--build-arg FLAVOR=cpu --build-arg "CPU_BASE=$BASE" -t "$IMAGE")
     if [ -n "${TORCH_WHEEL:-}" ]; then  # preferred by pip over PyPI's CUDA build of the same version
-        mkdir -p .wheels && cp -l "$TORCH_WHEEL" .wheels/ 2>/dev/null || cp "$TORCH_WHEEL" .wheels/
+        [ -e ".wheels/$(basename "$TORCH_WHEEL")" ] || { mkdir -p .wheels && cp "$TORCH_WHEEL" .wheels/; }
         args+=(--build-arg TORCH_INDEX_CPU=https://pypi.org/simple)
     fi
     [ -n "${PIP_CERT:-}" ] && args+=(--secret "id=pip_cert,src=$PIP_CERT")
@@ -77,10 +77,10 @@ build_image() {
 
 # The demo recipe reads its model from ../build/models/ beside recipes/: both are volumes.
 stage_volumes() {
-    local model
-    model=$("$PY" -c 'import sys; sys.path.insert(0, "benchmarks"); from _common import smollm2; print(smollm2())' \
-        | tail -1)
-    mkdir -p "$WORK/recipes" "$WORK/build/models" "$WORK/cache"
+    local model=${MODEL:-}
+    [ -n "$model" ] || model=$("$PY" -c \
+        'import sys; sys.path.insert(0, "benchmarks"); from _common import smollm2; print(smollm2())' | tail -1)
+    mkdir -p "$WORK/build/models"
     cp -r "$model" "$WORK/build/models/smollm2-135m-instruct"
     cp recipes/demo-smollm2.toml "$WORK/recipes/"
     cat > "$WORK/recipes/broken.toml" <<'EOF'
@@ -97,12 +97,12 @@ EOF
 }
 
 start_hub() {
-    "$PY" benchmarks/hub_stand_in.py --info "$WORK/hub.json" --state "$WORK/hub-state.json" &
+    python3 benchmarks/hub_stand_in.py --info "$WORK/hub.json" --state "$WORK/hub-state.json" &
     HUB_PID=$!
     for _ in $(seq 100); do [ -s "$WORK/hub.json" ] && break; sleep 0.1; done
     [ -s "$WORK/hub.json" ] || die "the Hub stand-in did not start"
-    HF_ENDPOINT=$("$PY" -c 'import json, sys; print(json.load(open(sys.argv[1]))["url"])' "$WORK/hub.json")
-    HF_TOKEN=$("$PY" -c 'import json, sys; print(json.load(open(sys.argv[1]))["token"])' "$WORK/hub.json")
+    HF_ENDPOINT=$(python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["url"])' "$WORK/hub.json")
+    HF_TOKEN=$(python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["token"])' "$WORK/hub.json")
     export HF_ENDPOINT HF_TOKEN
 }
 
@@ -118,10 +118,16 @@ qk() {
         "$IMAGE" "$@"
 }
 
-in_image() {  # a command other than quantkit
-    local entry=$1
-    shift
-    "$DOCKER" run --rm --user "$RUN_AS" --entrypoint "$entry" "$IMAGE" "$@"
+# What llama.cpp in the image was built with, and what ggml loads at run time (tools, bindings).
+llama_info() {
+    local tree=/opt/quantkit-cache/llama.cpp/build
+    local sysinfo='import llama_cpp as l; l.llama_backend_init(); print(l.llama_print_system_info().decode())'
+    "$DOCKER" run --rm --user "$RUN_AS" --entrypoint sh "$IMAGE" -c "
+        grep -E '^(GGML_NATIVE|GGML_BACKEND_DL|GGML_CPU_ALL_VARIANTS|GGML_CUDA|GGML_BACKEND_DIR):' \\
+            $tree/CMakeCache.txt
+        echo \"compile lines with -march=native: \$(grep -c -- -march=native $tree/build.ninja)\"
+        $tree/bin/llama-perplexity --list-devices 2>&1 | grep load_backend
+        python -c '$sysinfo'"
 }
 
 main() {
@@ -135,18 +141,16 @@ main() {
     size_mb=$(( $("$DOCKER" image inspect -f '{{.Size}}' "$IMAGE") / 1000000 ))
     echo "built in $build_s s, $size_mb MB"
 
+    mkdir -p "$WORK/recipes" "$WORK/build" "$WORK/cache"  # before any run: Docker would make them, root's
     step "quantkit doctor"
     t0=$EPOCHREALTIME
     qk doctor
     doctor_s=$(secs "$t0")
 
-    step "llama.cpp in the image: build flags, backends ggml loads at run time"
-    local tree=/opt/quantkit-cache/llama.cpp/build
-    in_image sh -c "grep -E '^(GGML_NATIVE|GGML_BACKEND_DL|GGML_CPU_ALL_VARIANTS|GGML_CUDA|GGML_BACKEND_DIR):' \
-        $tree/CMakeCache.txt; echo \"-march=native in build.ninja: \$(grep -c -- -march=native $tree/build.ninja)\""
-    in_image "$tree/bin/llama-perplexity" --list-devices 2>&1 | grep -E 'load_backend|CPU' || true
-    in_image python -c 'import llama_cpp; llama_cpp.llama_backend_init(); print(llama_cpp.llama_print_system_info().decode())' 2>&1 \
-        | grep -E 'load_backend|CPU' || true
+    step "llama.cpp in the image: build flags, the CPU backend ggml loads (tools, then bindings)"
+    t0=$EPOCHREALTIME
+    llama_info
+    info_s=$(secs "$t0")  # a container that does next to nothing: the cost of starting one
 
     stage_volumes
     start_hub
@@ -173,8 +177,8 @@ main() {
     echo "files not owned by $(id -un) ($RUN_AS): $foreign"
 
     step "summary"
-    "$PY" benchmarks/docker_summary.py --work "$WORK" --image "$IMAGE" --size-mb "$size_mb" \
-        --build-s "$build_s" --doctor-s "$doctor_s" --batch-s "$batch_s" --batch-rc "$batch_rc" \
+    python3 benchmarks/docker_summary.py --work "$WORK" --image "$IMAGE" --size-mb "$size_mb" \
+        --build-s "$build_s" --doctor-s "$doctor_s" --info-s "$info_s" --batch-s "$batch_s" --batch-rc "$batch_rc" \
         --publish-s "$publish_s" --publish-rc "$publish_rc" --foreign "$foreign" --json "${SUMMARY:-}"
 }
 

@@ -38,7 +38,8 @@ def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", type=Path, required=True)
     ap.add_argument("--image", required=True)
-    for name in ("size-mb", "build-s", "doctor-s", "batch-s", "batch-rc", "publish-s", "publish-rc", "foreign"):
+    for name in ("size-mb", "build-s", "doctor-s", "info-s", "batch-s", "batch-rc", "publish-s", "publish-rc",
+                 "foreign"):
         ap.add_argument(f"--{name}", type=int, required=True)
     ap.add_argument("--json", default="")
     a = ap.parse_args(argv)
@@ -46,7 +47,8 @@ def main(argv: list[str]) -> int:
     hub = _load(a.work / "hub-state.json")
     results = checks(a, manifest, hub)
     figures = {"image": a.image, "image_mb": a.size_mb, "build_s": a.build_s, "doctor_s": a.doctor_s,
-               "batch_s": a.batch_s, "batch_rc": a.batch_rc, "publish_s": a.publish_s, "publish_rc": a.publish_rc}
+               "info_run_s": a.info_s, "batch_s": a.batch_s, "batch_rc": a.batch_rc, "publish_s": a.publish_s,
+               "publish_rc": a.publish_rc}
     print(table(list(figures), [list(figures.values())]))
     branches = [[repo, branch, len(files)] for repo, bs in hub.get("repos", {}).items() for branch, files in bs.items()]
     print("\n" + table(["Hub repo", "branch", "files"], branches or [["-", "-", 0]]))

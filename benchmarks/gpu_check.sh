@@ -8,12 +8,13 @@
 # than one call may carry, so the files travel in two calls made back to back, while the machine
 # stays warm between them:
 #   here:    benchmarks/gpu_check.sh prepare     wheels the device lacks + the GGUF, split into
-#                                                .gpu/a (~62 MB) and .gpu/b (~55 MB)
+#                                                .gpu/a (57 MiB) and .gpu/b (52 MiB), git-ignored
 #   device:  benchmarks/gpu_check.sh stage       carry .gpu/a: install the wheels, compile
 #                                                exllamav2's kernels (minutes; kept for the run)
 #   device:  benchmarks/gpu_check.sh run         carry .gpu/b: the builds, the table, the tests
 #   here:    benchmarks/gpu_check.sh rehearse    the run's CPU-capable part on 2 layers of SmolLM2
-# `stage` and `run` write under .gpu/ and $OUT when set; ONLY=NAME,... limits the variants;
+# `run` builds under .gpu/out and copies the table and logs to $OUT when set (the device tool
+# returns what is there); ONLY=NAME,... limits the variants;
 # PY is the python to run with (default python3), PY312 a Python 3.12 for prepare's own builds.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -37,7 +38,6 @@ secs() { awk -v a="$1" -v b="$EPOCHREALTIME" 'BEGIN { printf "%.0f", b - a }'; }
 
 prepare() {
     rm -rf "$GPU" && mkdir -p "$GPU/a/wheels" "$GPU/b" "$GPU/sdist"
-    grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || echo '/.gpu/' >> "$(git rev-parse --git-path info/exclude)"
     python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
         --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
         -d "$GPU/a/wheels" "${WHEELS[@]}"
@@ -188,7 +188,7 @@ EOF
 run() {
     [ -d "$GPU/site" ] || die "no wheels installed: run stage first (same warm machine)"
     env_for_run
-    local out=${OUT:-$GPU/out} t0=$EPOCHREALTIME
+    local out=$GPU/out t0=$EPOCHREALTIME
     mkdir -p "$out"
     rm -f "$out/runs"
     demo_model "$GPU/models/smollm2-135m-instruct"
@@ -202,16 +202,18 @@ run() {
     set -e
     tail -15 "$out/gpu-tests.log"
     echo "run: $(secs "$t0") s; gpu tests exit $rc"
+    [ -n "${OUT:-}" ] && cp "$out/table.md" "$out/build.log" "$out/gpu-tests.log" "$OUT/"
     return $rc
 }
 
 # The run on this CPU: 2 layers of SmolLM2, GPTQ only (AWQ takes an hour here, EXL2 needs CUDA).
 rehearse() {
-    local out=${OUT:-$GPU/rehearse}
+    local out=$GPU/rehearse
     mkdir -p "$out" && rm -f "$out/runs"
     export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
     local model
-    model=$("$PY" -c 'import sys; sys.path.insert(0, "benchmarks"); from _common import smollm2; print(smollm2(2))' | tail -1)
+    model=$("$PY" -c 'import sys; sys.path.insert(0, "benchmarks"); from _common import smollm2; print(smollm2(2))' \
+        | tail -1)
     write_recipe "$out/recipe.toml" "$model"
     ONLY=${ONLY:-gptq-4bit-64g-actorder_True} run_variants "$out" "$out/recipe.toml"
     report "$out"
