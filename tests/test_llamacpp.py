@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import stat
 from pathlib import Path
 
@@ -147,3 +148,83 @@ def test_real_toolchain_reports_a_version():
         pytest.skip(str(e))
     assert tc.converter.is_file() and (tc.gguf_py / "gguf").is_dir()
     assert " (build " in tc.version()
+
+
+def test_portable_and_cuda_builds_are_asked_for_by_environment(clean_env, monkeypatch):
+    cache = clean_env / "cache"
+    assert llamacpp.extra_cmake_flags(cache) == []
+    monkeypatch.setenv("QUANTKIT_LLAMA_PORTABLE", "1")
+    monkeypatch.setenv("QUANTKIT_LLAMA_CUDA", "1")
+    flags = llamacpp.extra_cmake_flags(cache)
+    assert flags == [*llamacpp.PORTABLE_FLAGS, f"-DGGML_BACKEND_DIR={llamacpp.build_dir(cache) / 'bin'}",
+                     "-DGGML_CUDA=ON"]
+    assert "-DGGML_NATIVE=OFF" in flags and not any("march" in f for f in [*llamacpp.CMAKE_FLAGS, *flags])
+
+
+def test_build_configures_with_the_asked_flags_and_drops_the_stale_wheel(clean_env, monkeypatch):
+    cache = clean_env / "cache"
+    _fake_converter(llamacpp.sdist_dir(cache) / "vendor" / "llama.cpp")
+    llamacpp.wheel_dir(cache).mkdir(parents=True)
+    (llamacpp.wheel_dir(cache) / f"{llamacpp.SDIST}-py3-none-linux_x86_64.whl").write_bytes(b"old libraries")
+    calls: list[list[str]] = []
+
+    def run(cmd, **kwargs):
+        calls.append(cmd)
+        if "--build" in cmd:
+            _fake_tools(llamacpp.build_dir(cache) / "bin")
+
+    monkeypatch.setattr(llamacpp, "_run", run)
+    monkeypatch.setenv("QUANTKIT_LLAMA_PORTABLE", "1")
+    llamacpp.build_tools(cache)
+    configure = calls[0]
+    assert configure[:2] == ["cmake", "-S"] and set(llamacpp.extra_cmake_flags(cache)) <= set(configure)
+    assert "-DGGML_NATIVE=OFF" in configure and not llamacpp.wheel_dir(cache).exists()
+
+
+def test_cache_is_reused_only_when_configured_as_asked(clean_env, monkeypatch):
+    cache = _fake_cache(clean_env / "cache")
+    monkeypatch.setenv("QUANTKIT_LLAMA_PORTABLE", "1")
+    with pytest.raises(EngineUnavailable):  # a native build must not pass for a portable one
+        llamacpp.find_toolchain()
+    lines = [f"CMAKE_HOME_DIRECTORY:INTERNAL={llamacpp.sdist_dir(cache)}/vendor/llama.cpp"]
+    lines += [f"{k}:BOOL={v}" for k, v in (f[2:].split("=") for f in llamacpp.PORTABLE_FLAGS)]
+    lines.append(f"GGML_BACKEND_DIR:PATH={llamacpp.build_dir(cache) / 'bin'}")
+    (llamacpp.build_dir(cache) / "CMakeCache.txt").write_text("\n".join(lines) + "\n")
+    assert llamacpp.find_toolchain().tools_from.startswith("cache")
+    monkeypatch.delenv("QUANTKIT_LLAMA_PORTABLE")
+    assert llamacpp.find_toolchain().tools_from.startswith("cache")  # a portable build serves anyone
+
+
+def test_vendored_llama_cpp_knows_the_portable_options():
+    """cmake ignores an unknown -D option silently: the pinned tree must define each one."""
+    cmake = llamacpp.sdist_dir() / "vendor" / "llama.cpp" / "ggml" / "CMakeLists.txt"
+    if not cmake.is_file():
+        pytest.skip(f"no llama.cpp sources in {cmake.parent.parent}: run `{llamacpp.BUILD_COMMAND}`")
+    text = cmake.read_text()
+    for flag in (*llamacpp.PORTABLE_FLAGS, *llamacpp.CUDA_FLAGS, "-DGGML_BACKEND_DIR="):
+        name = flag[2:].split("=")[0]
+        assert re.search(rf"(option|set)\({name}\b", text), name
+
+
+def test_backend_modules_stay_out_of_the_wheel(tmp_path):
+    """A GGML_BACKEND_DL build loads libggml-cpu-*.so / libggml-cuda.so from its bin/ at run time."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name in ("libggml-base.so.0", "libggml.so.0", "libllama.so.0", "libggml-cuda.so", "libggml-cpu-haswell.so",
+                 "libggml-cpu-x64.so"):
+        (bin_dir / name).write_bytes(b"ELF")
+    for name in ("libggml-base.so", "libggml.so", "libllama.so"):
+        (bin_dir / name).symlink_to(name + ".0")
+    names = [p.name for p in llamacpp._shared_libs(bin_dir)]
+    assert names == ["libggml-base.so", "libggml-base.so.0", "libggml.so", "libggml.so.0", "libllama.so",
+                     "libllama.so.0"]
+    (bin_dir / "libggml-cuda.so.0").write_bytes(b"ELF")  # a build without GGML_BACKEND_DL links it
+    assert "libggml-cuda.so" in [p.name for p in llamacpp._shared_libs(bin_dir)]
+
+
+def test_doctor_names_the_cpu_backend_chosen_at_run_time():
+    rows = llamacpp._cpu_backend_rows({"x64": 1, "sse42": 5, "haswell": 40, "skylakex": 0})
+    assert len(rows) == 1 and rows[0].ok and rows[0].detail.startswith("haswell, chosen at run time")
+    assert "3 of 4 variants" in rows[0].detail and "skylakex" not in rows[0].detail
+    assert llamacpp._cpu_backend_rows({}) == []
+    assert not llamacpp._cpu_backend_rows({"skylakex": 0})[0].ok

@@ -4,8 +4,10 @@ without it). The calibration set goes in as parquet, the form `convert_exl2 -c` 
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -43,15 +45,19 @@ class EXL2Engine:
         work = ctx.work_dir / f"exl2-job-{variant.name}"
         calib = ctx.calib.write_parquet(ctx.work_dir / f"calibration-{ctx.calib.sha256[:12]}.parquet")
         seq = int(ctx.calib.windows.shape[1])
+        shared = _measurement_file(ctx)
+        reuse = shared.is_file()
         cmd = [sys.executable, "-m", "exllamav2.conversion.convert_exl2", "-i", str(ctx.source.path),
                "-o", str(work), "-nr", "-cf", str(out_dir), "-b", str(p.bpw), "-hb", str(p.head_bits),
                "-c", str(calib), "-l", str(min(seq, 2048)), "-ml", str(min(seq, 2048)),
-               "-r", str(len(ctx.calib.texts))]
+               "-r", str(len(ctx.calib.texts)), *(["-m", str(shared)] if reuse else [])]
         ctx.progress("exllamav2 convert", 0, None)
         res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ})
         if res.returncode != 0 or not any(out_dir.glob("*.safetensors")):
             tail = (res.stderr or res.stdout).strip().splitlines()[-3:]
             raise EngineError(self.name, "convert_exl2 failed: " + " | ".join(tail), variant.name)
+        if not reuse and (work / "measurement.json").is_file():
+            shutil.copyfile(work / "measurement.json", shared)
         ctx.progress("exllamav2 convert", 1, 1)
         return {"bpw": p.bpw, "head_bits": p.head_bits}
 
@@ -84,6 +90,13 @@ class EXL2Engine:
             yield fn
         finally:
             model.unload()
+
+
+def _measurement_file(ctx: BuildContext) -> Path:
+    """Where the build keeps exllamav2's measurement pass: it depends on the source and the
+    calibration set, not on the target bpw, so every bpw of a build shares the first one's."""
+    key = hashlib.sha256(f"{ctx.source.fingerprint}:{ctx.calib.sha256}".encode()).hexdigest()[:12]
+    return ctx.work_dir / f"exl2-measurement-{key}.json"
 
 
 def _cuda() -> bool:

@@ -13,6 +13,7 @@ compiling llama.cpp a second time. Every step is skipped when its output is ther
 
 from __future__ import annotations
 
+import ctypes
 import fcntl
 import functools
 import importlib.metadata
@@ -45,6 +46,11 @@ CMAKE_FLAGS = (
     "-DLLAMA_OPENSSL=OFF", "-DBUILD_SHARED_LIBS=ON", "-DCMAKE_BUILD_WITH_INSTALL_RPATH=ON",
     "-DCMAKE_INSTALL_RPATH=$ORIGIN",
 )
+# QUANTKIT_LLAMA_PORTABLE=1 (the Docker image): no -march=native. ggml builds one CPU backend per
+# instruction-set level and loads the best one for the CPU it runs on, from GGML_BACKEND_DIR
+# (the bindings live in site-packages, where ggml would not look for them).
+PORTABLE_FLAGS = ("-DGGML_NATIVE=OFF", "-DGGML_BACKEND_DL=ON", "-DGGML_CPU_ALL_VARIANTS=ON")
+CUDA_FLAGS = ("-DGGML_CUDA=ON",)  # QUANTKIT_LLAMA_CUDA=1
 
 Progress = Callable[[str, int, "int | None"], None]
 
@@ -143,8 +149,28 @@ def cached_build_is_pinned(cache: Path | None = None) -> bool:
     return bool(m) and f"/{SDIST}/" in m.group(1) + "/"
 
 
+def extra_cmake_flags(cache: Path | None = None) -> list[str]:
+    """The flags QUANTKIT_LLAMA_PORTABLE=1 and QUANTKIT_LLAMA_CUDA=1 add to CMAKE_FLAGS."""
+    flags: list[str] = []
+    if os.environ.get("QUANTKIT_LLAMA_PORTABLE") == "1":
+        flags += [*PORTABLE_FLAGS, f"-DGGML_BACKEND_DIR={build_dir(cache) / 'bin'}"]
+    if os.environ.get("QUANTKIT_LLAMA_CUDA") == "1":
+        flags += CUDA_FLAGS
+    return flags
+
+
+def _configured_with(cache: Path, flags: list[str]) -> bool:
+    """CMakeCache.txt holds every `-DKEY=VALUE` of flags (as `KEY:TYPE=VALUE`)."""
+    text = (build_dir(cache) / "CMakeCache.txt").read_text(errors="replace")
+    pairs = (f.removeprefix("-D").split("=", 1) for f in flags)
+    return all(re.search(rf"^{re.escape(k)}:\w+={re.escape(v)}$", text, re.M) for k, v in pairs)
+
+
 def _cached_tools(cache: Path) -> dict[str, Path] | None:
-    return _tools_in(build_dir(cache) / "bin") if cached_build_is_pinned(cache) else None
+    """A build asked for as portable or CUDA reuses only a cache configured that way."""
+    if not cached_build_is_pinned(cache) or not _configured_with(cache, extra_cmake_flags(cache)):
+        return None
+    return _tools_in(build_dir(cache) / "bin")
 
 
 def find_toolchain(llama_cpp_dir: str | Path | None = None) -> Toolchain:
@@ -217,6 +243,7 @@ def doctor() -> tuple[DoctorRow, ...]:
             ver = f"version unknown: {e.reason}"
         rows = [DoctorRow("converter", True, str(tc.converter), tc.converter_from),
                 DoctorRow("tools", True, f"{tc.quantize.parent} ({ver})", tc.tools_from)]
+        rows += _cpu_backend_rows(cpu_backends(tc.quantize.parent))
     bv = bindings_version()
     if bv is None:
         rows.append(DoctorRow("bindings", False, f"llama-cpp-python not installed: run `{BUILD_COMMAND}`"))
@@ -224,6 +251,29 @@ def doctor() -> tuple[DoctorRow, ...]:
         note = "" if bv == PIN else f" (quantkit pins {PIN})"
         rows.append(DoctorRow("bindings", bv == PIN, f"llama-cpp-python {bv}{note}", "installed"))
     return tuple(rows)
+
+
+def cpu_backends(bin_dir: Path) -> dict[str, int]:
+    """The CPU backends a GGML_CPU_ALL_VARIANTS build keeps beside its tools, each with the score
+    ggml gives it on this CPU (0: it cannot run here); ggml loads the highest. Empty for other builds."""
+    scores = {}
+    for lib in sorted(bin_dir.glob("libggml-cpu-*.so")):
+        try:  # loading a variant to ask for its score is what ggml itself does
+            score = ctypes.CDLL(str(lib)).ggml_backend_score
+        except (OSError, AttributeError):
+            continue
+        score.restype = ctypes.c_int
+        scores[lib.name.removeprefix("libggml-cpu-").removesuffix(".so")] = int(score())
+    return scores
+
+
+def _cpu_backend_rows(scores: dict[str, int]) -> list[DoctorRow]:
+    if not scores:
+        return []
+    best = max(scores, key=lambda name: scores[name])
+    runs = [name for name, s in scores.items() if s > 0]
+    detail = f"{best}, chosen at run time; {len(runs)} of {len(scores)} variants run on this CPU: {', '.join(runs)}"
+    return [DoctorRow("cpu backend", scores[best] > 0, detail, "GGML_CPU_ALL_VARIANTS")]
 
 
 # ---------------------------------------------------------------- building it
@@ -285,7 +335,8 @@ def fetch_sdist(cache: Path, progress: Progress = _no_progress) -> Path:
         _run([sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps",
               f"llama-cpp-python=={PIN}", "-d", str(src)], what="download sdist")
     with tempfile.TemporaryDirectory(dir=src) as tmp, tarfile.open(tarball) as tf:
-        tf.extractall(tmp, filter="data")
+        # Pythons without extraction filters (3.11.2 of Debian 12) unpack PyPI's pinned sdist as is.
+        tf.extractall(tmp, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
         shutil.rmtree(dest, ignore_errors=True)
         (Path(tmp) / SDIST).rename(dest)
     tarball.unlink()  # 74 MB a CI cache need not carry: the unpacked tree is what is used
@@ -301,12 +352,13 @@ def build_tools(cache: Path, progress: Progress = _no_progress, jobs: int | None
     if (out / "CMakeCache.txt").is_file() and not cached_build_is_pinned(cache):
         shutil.rmtree(out)  # configured from another sdist: cmake refuses to switch sources
     gen = ["-G", "Ninja"] if shutil.which("ninja") else []
-    _run(["cmake", "-S", str(source), "-B", str(out), *gen, *CMAKE_FLAGS], what="configure llama.cpp",
-         progress=progress)
+    _run(["cmake", "-S", str(source), "-B", str(out), *gen, *CMAKE_FLAGS, *extra_cmake_flags(cache)],
+         what="configure llama.cpp", progress=progress)
     _run(["cmake", "--build", str(out), "--parallel", str(jobs or os.cpu_count() or 2),
-          "--target", *TOOLS], what="build llama.cpp", progress=progress)
+          "--target", *TOOLS], what="build llama.cpp", progress=progress)  # ggml depends on its backends
     if not _tools_in(out / "bin"):
         raise EngineError("gguf", f"llama.cpp build finished but {out / 'bin'} lacks {', '.join(TOOLS)}")
+    shutil.rmtree(wheel_dir(cache), ignore_errors=True)  # packed from the libraries just replaced
     return out / "bin"
 
 
@@ -321,7 +373,15 @@ _BINDINGS_LIB = re.compile(r"^lib(llama|ggml(-[a-z0-9]+)?)\.so(\.\d+)?$")
 
 
 def _shared_libs(bin_dir: Path) -> list[Path]:
-    return sorted(p for p in bin_dir.glob("lib*.so*") if p.is_file() and _BINDINGS_LIB.match(p.name))
+    libs = sorted(p for p in bin_dir.glob("lib*.so*") if p.is_file() and _BINDINGS_LIB.match(p.name))
+    return [p for p in libs if not _backend_module(p)]
+
+
+def _backend_module(lib: Path) -> bool:
+    """A backend that a GGML_BACKEND_DL build loads at run time from GGML_BACKEND_DIR (libggml-cuda.so):
+    unversioned, unlike the linked libraries. The wheel leaves it out (the CUDA one is 100s of MB)."""
+    return lib.name.startswith("libggml-") and lib.name.endswith(".so") and not any(
+        lib.parent.glob(lib.name + ".[0-9]*"))
 
 
 def build_wheel(cache: Path, progress: Progress = _no_progress) -> Path:
