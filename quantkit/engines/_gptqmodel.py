@@ -414,6 +414,8 @@ def open_quantized(folder: Path, device: str, log_path: Path | None = None) -> I
 # its Hessians, and the calibration inputs and outputs of that layer.
 
 LAYER_WORK_FACTOR = 2.0  # the layer at work, in bf16 layer sizes (weights, their f32 copies)
+RETAINED = 1.0e9  # what GPTQModel's process keeps after quantizing, malloc_trim or not (1.44 GB at 7B widths)
+RELOAD_FACTOR = 1.5  # transformers' GPTQ/AWQ load holds the checkpoint and the kernels' repacked copy
 CPU_SECONDS_PER_TFLOP = 110.0  # GPTQModel's CPU path, per TFLOP of forward + GPTQ updates
 GPU_FLOPS_SHARE = 0.05  # GPTQ on a GPU is bound by per-module work, not by matmul peak
 
@@ -443,7 +445,7 @@ def estimate(shape: ModelShape, work: Workload, machine: Machine, bits: int, gro
     hessians = 4 * (6 * shape.hidden**2 + shape.intermediate**2)
     inputs = work.calib_tokens * shape.hidden * 2 * 2  # the layer's inputs and outputs, bf16
     at_work = LAYER_WORK_FACTOR * 2 * shape.layer_params + hessians + inputs
-    reload = PROCESS_BASE + out
+    reload = PROCESS_BASE + RETAINED + RELOAD_FACTOR * out
     score = 2 * shape.params * work.eval_tokens
     tflop = _work_tflop(shape, work, passes)
     if machine.device == "cuda":
