@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -69,9 +68,9 @@ def test_a_refusal_names_what_would_fit(tmp_path):
         check_fits(plan_resources(plan, Machine("big", 2, 512 * GB), LLAMA2_13B), tmp_path, free=50 * GB)
 
 
-def _seed_hub_cache(home: Path, repo: str, config: dict) -> None:
+def _seed_hub_cache(cache: Path, repo: str, config: dict) -> None:
     """config.json as `hf_hub_download` leaves it in the cache: what `plan` reads offline."""
-    d = home / "hub" / f"models--{repo.replace('/', '--')}"
+    d = cache / f"models--{repo.replace('/', '--')}"
     (d / "refs").mkdir(parents=True)
     (d / "refs" / "main").write_text("a" * 40)
     snap = d / "snapshots" / ("a" * 40)
@@ -79,8 +78,12 @@ def _seed_hub_cache(home: Path, repo: str, config: dict) -> None:
     (snap / "config.json").write_text(json.dumps(config))
 
 
-def test_plan_shows_resources_for_em_german_13b_from_its_config_alone():
-    _seed_hub_cache(Path(os.environ["HF_HOME"]), "jphme/em_german_13b_v01", LLAMA2_13B)
+def test_plan_shows_resources_for_em_german_13b_from_its_config_alone(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    # huggingface_hub fixes its cache folder at import: point it at this test's own
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    _seed_hub_cache(tmp_path / "hub", "jphme/em_german_13b_v01", LLAMA2_13B)
     res = CliRunner().invoke(app, ["plan", str(ROOT / "recipes" / "em-german-13b-gptq.toml"), "--json"])
     assert res.exit_code == 0, res.output
     doc = json.loads(res.output)
