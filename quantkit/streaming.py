@@ -102,7 +102,7 @@ class _Loader:
     def load(self, prefix: str, block: Any) -> None:
         import torch
 
-        for name, p in list(block.named_parameters()):
+        for name, _ in list(block.named_parameters()):
             mod, attr = _owner(block, name)
             t = self.weights.get(f"{prefix}.{name}").to(device=self.device, dtype=self.dtype)
             mod._parameters[attr] = torch.nn.Parameter(t, requires_grad=False)
