@@ -255,7 +255,8 @@ def _quiet_libraries() -> None:
         import torch  # noqa: F401 - torch sets its loggers' levels on import: quiet them after
     except ImportError:
         pass
-    for name in ("transformers", "tokenicer", "gptqmodel", "accelerate", "huggingface_hub", "torchao", "torch"):
+    for name in ("transformers", "tokenicer", "gptqmodel", "accelerate", "huggingface_hub", "torchao", "torch",
+                 "httpx", "httpx2"):  # GPTQModel's logging set-up turns on their request lines
         logging.getLogger(name).setLevel(logging.ERROR)
     try:
         from transformers.utils import logging as tlog
