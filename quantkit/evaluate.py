@@ -86,10 +86,20 @@ def chunk_rows(es: EvalSet, fn: LogitsFn) -> Iterator[np.ndarray]:
 
 def streamed_rows(es: EvalSet, path: Path, *, dtype: str = "float32", device: str = "cpu") -> Iterator[np.ndarray]:
     """The same rows from the unquantized checkpoint, one block of weights in memory at a time."""
+    from .errors import SourceError
     from .streaming import streamed_logits
 
-    for logits in streamed_logits(path, es.chunks, es.ctx - es.first_scored, dtype=dtype, device=device):
-        yield logits[:-1]  # the last position predicts past the chunk: not scored
+    rows = streamed_logits(path, es.chunks, es.ctx - es.first_scored, dtype=dtype, device=device)
+    try:
+        first = next(rows)
+    except SourceError:
+        # Checkpoint names transformers renames on load: only the whole model maps them.
+        with hf_logits(path, dtype=dtype, device=device) as fn:
+            yield from chunk_rows(es, fn)
+        return
+    yield first[:-1]  # the last position predicts past the chunk: not scored
+    for logits in rows:
+        yield logits[:-1]
 
 
 @dataclass(frozen=True, eq=False)

@@ -84,3 +84,17 @@ def test_weights_missing_from_the_checkpoint_are_a_source_error(tiny_llama, tmp_
               metadata={"format": "pt"})
     with pytest.raises(SourceError, match="not found by name"):
         list(streamed_logits(src, _chunks(1024, n=1), keep=8))
+
+
+def test_reference_falls_back_to_the_whole_model_when_names_do_not_match(tiny_llama, tmp_path, monkeypatch):
+    from transformers import AutoTokenizer
+
+    from quantkit import streaming
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    es = make_eval_set(tok, ["Die Elbe fließt durch Dresden und Hamburg in die Nordsee. " * 30], tokens=128, ctx=64)
+    with hf_logits(tiny_llama) as fn:
+        whole = compute_reference(es, fn, tmp_path / "a.npy")
+    monkeypatch.setattr(streaming._Weights, "has", lambda self, name: False)  # as for renamed keys
+    fallback = compute_reference(es, streamed_rows(es, tiny_llama), tmp_path / "b.npy")
+    assert np.array_equal(np.asarray(fallback.logprobs), np.asarray(whole.logprobs))
