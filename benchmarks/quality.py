@@ -140,7 +140,7 @@ def direct_gptqmodel(model: Path, folder: Path, examples: list, bits: int, gs: i
 def quantkit_engine(kind: str, model: Path, folder: Path, calib: Any, bits: int, gs: int,
                     device: str, out: Path) -> None:
     from quantkit.engines import ENGINES
-    from quantkit.engines.base import BuildContext, SourceModel
+    from quantkit.records import BuildContext, SourceModel
     from quantkit.plan import make_plan
     from quantkit.recipe import parse_recipe
 
@@ -179,8 +179,9 @@ def evaluate_rows(names: list[str], model: Path, out: Path, device: str, eval_to
 
     from quantkit.engines import ENGINES
     from quantkit.engines import _gptqmodel as gm
-    from quantkit.engines.base import bits_per_weight, file_entries
-    from quantkit.evaluate import compute_reference, hf_logits, make_eval_set, score
+    from quantkit.records import bits_per_weight, file_entries
+    from quantkit.evaluate import compute_reference, make_eval_set, score
+    from quantkit.hfmodel import hf_logits
     from quantkit.pipeline import count_params
 
     de = pickle.loads((out / "calib-de.pkl").read_bytes())

@@ -31,7 +31,8 @@ def child(mode: str, model: Path, tokens: int, ctx: int, out: Path) -> None:
     from transformers import AutoTokenizer
 
     from quantkit.calibration import build_calibration
-    from quantkit.evaluate import compute_reference, hf_logits, make_eval_set, streamed_rows
+    from quantkit.evaluate import compute_reference, make_eval_set, streamed_rows
+    from quantkit.hfmodel import hf_logits
     from quantkit.recipe import parse_recipe
 
     recipe = parse_recipe(f'[model]\nsource = "{model}"\n[calibration]\nsamples = 32\nseq_len = 512\n'

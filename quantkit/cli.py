@@ -28,7 +28,7 @@ from .errors import (BuildFailed, BusyError, CalibrationError, EngineError, Engi
                      ManifestError, Problem, PublishError, QuantkitError, RecipeError, ResourceError, SourceError)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Quantize and convert LLMs from one recipe: GPTQ, AWQ, GGUF, EXL2.")
+                  help="Quantize and convert LLMs from one recipe into every format a publisher ships.")
 # Piped output (CI logs, files) gets wide tables instead of rich's 80-column default.
 out = Console(width=None if sys.stdout.isatty() else 160)
 err = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
@@ -160,14 +160,10 @@ def _print_build_estimate(rp: Any, why: str) -> None:
               f"{_size(rp.shape.bf16_bytes)} in bf16")
 
 
-# Settings the variant name already shows, per format.
-_IN_NAME = {"gptq": {"bits", "group_size", "act_order"}, "awq": {"bits", "group_size"},
-            "gguf": {"quant"}, "exl2": {"bpw"}}
-
-
 def _other_settings(v: Any) -> str:
+    """The settings its name does not show already (the format's spec knows which it shows)."""
     items = v.params_dict().items()
-    return " ".join(f"{k}={val}" for k, val in items if k not in _IN_NAME[v.format] and val is not None)
+    return " ".join(f"{k}={val}" for k, val in items if k not in v.spec.name_keys and val is not None)
 
 
 # ---------------------------------------------------------------- build
@@ -224,11 +220,11 @@ def _summary(manifest, names: list[str] | None = None) -> Table:
     for name, r in manifest.variants.items():
         if names is not None and name not in names:
             continue
-        q = r.quality or {}
+        q = r.quality
         t.add_row(name, r.branch, r.state if r.state != "failed" else "[red]failed[/red]",
                   _size(r.size_bytes), f"{r.bits_per_weight:.2f}",
-                  f"{q['delta_ppl_pct']:+.2f}" if q else "-", f"{q['kld']:.4f}" if q else "-",
-                  f"{q['top1']:.3f}" if q else "-", f"{r.seconds:.0f}")
+                  f"{q.delta_ppl_pct:+.2f}" if q else "-", f"{q.kld:.4f}" if q else "-",
+                  f"{q.top1:.3f}" if q else "-", f"{r.seconds:.0f}")
     return t
 
 
@@ -524,7 +520,9 @@ def _toolchain_rows() -> list[tuple[str, str]]:
 
 
 @app.command()
-def toolchain(bindings: Annotated[bool, typer.Option(help="Also build and install llama-cpp-python.")] = True) -> None:
+def toolchain(bindings: Annotated[bool, typer.Option(help="Also build the llama-cpp-python wheel.")] = True,
+              install: Annotated[bool, typer.Option(help="Install the bindings wheel into this Python.")] = True,
+              jobs: Annotated[int | None, typer.Option(help="Compile jobs (default: all cores).")] = None) -> None:
     """Build (or restore from the cache) the pinned llama.cpp tools and Python bindings."""
     from .engines import llamacpp
 
@@ -532,10 +530,12 @@ def toolchain(bindings: Annotated[bool, typer.Option(help="Also build and instal
         def progress(task: str, done: int, total: int | None) -> None:
             rep(_TaskEvent("task", "llama.cpp", task, done, total))
 
-        report = _run(lambda: llamacpp.build_toolchain(progress, bindings=bindings))
+        report = _run(lambda: llamacpp.build_toolchain(progress, bindings=bindings, install=install, jobs=jobs))
     for step, state in report.steps.items():
         out.print(f"{step:8} {state:9} {report.seconds[step]:7.1f} s")
     out.print(f"tools: {report.tools}")
+    if report.wheel:
+        out.print(f"wheel: {report.wheel}")
 
 
 @dataclass(frozen=True)

@@ -10,15 +10,15 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .engines.base import LogitsFn
 from .errors import EvalError
+from .hfmodel import hf_logits
+from .records import LogitsFn
 
 ChunkProgress = Callable[[int, int], None]
 
@@ -167,26 +167,3 @@ def score(es: EvalSet, ref: Reference, fn: LogitsFn, progress: ChunkProgress | N
     ppl = math.exp(nll / n)
     return Quality(ppl=ppl, ref_ppl=ref.ppl, delta_ppl_pct=100 * (ppl / ref.ppl - 1),
                    kld=kld / n, top1=agree / n, tokens=n)
-
-
-@contextmanager
-def hf_logits(path: Path, *, dtype: str = "float32", device: str = "cpu",
-              **load_kwargs: Any) -> Iterator[LogitsFn]:
-    """A transformers model as a logits function (the way users load GPTQ/AWQ/fp16)."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=getattr(torch, dtype),
-                                                 **load_kwargs)
-    model = model.to(device) if not load_kwargs.get("device_map") else model
-    model.eval()
-
-    def fn(ids: np.ndarray) -> np.ndarray:
-        with torch.inference_mode():
-            x = torch.as_tensor(ids, dtype=torch.long, device=model.device)[None]
-            return model(input_ids=x).logits[0].float().cpu().numpy()
-
-    try:
-        yield fn
-    finally:
-        del model

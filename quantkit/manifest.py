@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from . import atomic
-from .engines.base import FileEntry
 from .errors import ManifestError
+from .records import CalibrationRecord, FileEntry, PublishedRecord, QualityRecord, SourceRecord
 
 STATES = ("failed", "built", "evaluated", "carded", "published")
 MANIFEST = "manifest.json"
@@ -29,19 +29,19 @@ class VariantRecord:
     files: tuple[FileEntry, ...] = ()
     size_bytes: int = 0
     bits_per_weight: float = 0.0
-    quality: dict[str, float] | None = None
+    quality: QualityRecord | None = None
     seconds: float = 0.0  # quantize time
     engine: str = ""
     engine_version: str = ""
     notes: dict[str, Any] = field(default_factory=dict)
     error: str | None = None  # why it failed, when state == "failed"
-    published: dict[str, str] | None = None  # {"repo", "branch", "commit"}
+    published: PublishedRecord | None = None
 
     def at_least(self, state: str) -> bool:
         return self.state != "failed" and STATES.index(self.state) >= STATES.index(state)
 
     def to_json(self) -> dict[str, Any]:
-        d = asdict(self)
+        d = asdict(self)  # nested records become plain objects: the file format is unchanged
         d["files"] = [asdict(f) for f in self.files]
         return d
 
@@ -49,6 +49,8 @@ class VariantRecord:
     def from_json(cls, d: dict[str, Any]) -> VariantRecord:
         d = dict(d)
         d["files"] = tuple(FileEntry(**f) for f in d.get("files", []))
+        d["quality"] = QualityRecord.from_json(d.get("quality"))
+        d["published"] = PublishedRecord.from_json(d.get("published"))
         known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
         return cls(**known)
 
@@ -57,15 +59,15 @@ class VariantRecord:
 class Manifest:
     recipe_sha256: str
     variants: dict[str, VariantRecord]
-    calibration: dict[str, Any] = field(default_factory=dict)  # source, sha256, counts
-    source: dict[str, Any] = field(default_factory=dict)  # id, revision, fingerprint
+    calibration: CalibrationRecord = CalibrationRecord()
+    source: SourceRecord = SourceRecord()
 
     def with_variant(self, name: str, rec: VariantRecord) -> Manifest:
         return replace(self, variants={**self.variants, name: rec})
 
     def to_json(self) -> dict[str, Any]:
-        return {"recipe_sha256": self.recipe_sha256, "source": self.source,
-                "calibration": self.calibration,
+        return {"recipe_sha256": self.recipe_sha256, "source": self.source.to_json(),
+                "calibration": self.calibration.to_json(),
                 "variants": {k: v.to_json() for k, v in self.variants.items()}}
 
 
@@ -107,7 +109,9 @@ def _from_json(d: Any) -> Manifest:
         if rec.state not in STATES:
             raise ValueError(f"variant {name}: unknown state {rec.state!r}")
         variants[name] = rec
-    return Manifest(str(d["recipe_sha256"]), variants, d.get("calibration", {}), d.get("source", {}))
+    return Manifest(str(d["recipe_sha256"]), variants,
+                    CalibrationRecord.from_json(d.get("calibration")) or CalibrationRecord(),
+                    SourceRecord.from_json(d.get("source")) or SourceRecord())
 
 
 def save_manifest(out_dir: Path, m: Manifest) -> Path:

@@ -22,12 +22,13 @@ import numpy as np
 from . import __version__
 from .calibration import CalibrationSet, build_calibration, language_warning
 from .engines import ENGINES
-from .engines.base import Artifact, BuildContext, SourceModel, bits_per_weight, file_entries
 from .errors import EngineError, ManifestError, QuantkitError, ResourceError, SourceError
 from .evaluate import EvalSet, Quality, Reference, compute_reference, make_eval_set, score, streamed_rows
 from .manifest import Manifest, VariantRecord, load_manifest, save_manifest
 from .plan import Plan, Variant, cache_key
 from .recipe import Recipe, resolve_local_source
+from .records import (BuildContext, CalibrationRecord, EngineResult, FileEntry, QualityRecord, SourceModel,
+                      SourceRecord, bits_per_weight, file_entries)
 from .source_check import check_source_folder
 
 WORK = ".work"  # scratch inside the build folder: reference logits, shared engine files
@@ -46,6 +47,21 @@ class Event:
 
 
 Reporter = Callable[[Event], None]
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """A variant's files as built, before evaluation."""
+
+    folder: Path
+    files: tuple[FileEntry, ...]
+    bits_per_weight: float
+    seconds: float  # the engine's quantization time, else the wall time of its build()
+    result: EngineResult
+
+    @property
+    def size_bytes(self) -> int:
+        return sum(f.size for f in self.files)
 
 
 @dataclass(frozen=True)
@@ -204,10 +220,10 @@ def build(plan: Plan, *, only: list[str] | None = None, report: Reporter = _quie
         check_resources(plan, variants, report)
     inputs = prepare(plan, report)
     manifest = load_manifest(plan.out_dir) or Manifest(recipe_sha256(plan.recipe), {})
+    src = inputs.source
     manifest = replace(manifest, recipe_sha256=recipe_sha256(plan.recipe), calibration=_calib_info(inputs.calib),
-                       source={"id": inputs.source.id, "revision": inputs.source.revision,
-                               "fingerprint": inputs.source.fingerprint, "n_params": inputs.source.n_params,
-                               "architecture": inputs.source.architecture, "quantkit_version": __version__})
+                       source=SourceRecord(src.id, src.revision, src.fingerprint, src.n_params, src.architecture,
+                                           __version__))
     save_manifest(plan.out_dir, manifest)
     built, skipped, failed = [], [], {}
     _prepare_engines(variants, inputs, manifest)
@@ -291,10 +307,9 @@ def _failed_record(v: Variant, m: Manifest, reason: str) -> VariantRecord:
     return replace(base, state="failed", error=reason)
 
 
-def _calib_info(c: CalibrationSet) -> dict[str, Any]:
-    return {"source": c.source, "sha256": c.sha256, "samples": int(c.windows.shape[0]),
-            "seq_len": int(c.windows.shape[1]), "items": c.n_items, "contexts": c.n_contexts,
-            "eval_texts": len(c.eval_texts)}
+def _calib_info(c: CalibrationSet) -> CalibrationRecord:
+    return CalibrationRecord(c.source, c.sha256, int(c.windows.shape[0]), int(c.windows.shape[1]), c.n_items,
+                             c.n_contexts, len(c.eval_texts))
 
 
 def _files_intact(folder: Path, rec: VariantRecord) -> bool:
@@ -362,14 +377,11 @@ def _one_variant(v: Variant, inputs: _Inputs, m: Manifest) -> tuple[Manifest, bo
         return m, False
     inputs.report(Event("start", v.name, message=f"{engine.name} ({version})"))
     if not (fresh and rec.at_least("built")):
-        art = _build_files(v, inputs, engine, version)
+        art = _build_files(v, inputs, engine)
         _give_back_memory()
-        notes = dict(art.notes)
-        # Engines that did the work in prepare() report their own time for it.
-        seconds = float(notes.get("quantize_seconds", art.seconds))
         rec = VariantRecord(v.format, v.branch, v.repo, "built", key, v.params_dict(), art.files,
-                            art.size_bytes, art.bits_per_weight, None, round(seconds, 2),
-                            engine.name, version, notes)
+                            art.size_bytes, art.bits_per_weight, None, round(art.seconds, 2),
+                            engine.name, version, art.result.note_dict())
         m = m.with_variant(v.name, rec)
         save_manifest(inputs.plan.out_dir, m)
     assert rec is not None
@@ -380,7 +392,7 @@ def _one_variant(v: Variant, inputs: _Inputs, m: Manifest) -> tuple[Manifest, bo
     return m, True
 
 
-def _build_files(v: Variant, inputs: _Inputs, engine: Any, version: str) -> Artifact:
+def _build_files(v: Variant, inputs: _Inputs, engine: Any) -> Artifact:
     """Build into a hidden partial folder, then swap it in: a crash leaves no half variant."""
     out = inputs.plan.variant_dir(v)
     tmp = out.with_name(f".{out.name}.partial")
@@ -389,7 +401,7 @@ def _build_files(v: Variant, inputs: _Inputs, engine: Any, version: str) -> Arti
     inputs.work_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     try:
-        notes = engine.build(v, inputs.context(v), tmp) or {}
+        result: EngineResult = engine.build(v, inputs.context(v), tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -405,8 +417,9 @@ def _build_files(v: Variant, inputs: _Inputs, engine: Any, version: str) -> Arti
     files = file_entries(out)
     if not any(f.path.endswith((".safetensors", ".gguf")) for f in files):
         raise EngineError(engine.name, "wrote no weight files", v.name)
-    return Artifact(v.name, out, files, bits_per_weight(files, inputs.source.n_params), engine.name,
-                    version, seconds, tuple(sorted(notes.items())))
+    # Engines that did the work ahead in prepare() report their own time for it.
+    seconds = result.quantize_seconds if result.quantize_seconds is not None else seconds
+    return Artifact(out, files, bits_per_weight(files, inputs.source.n_params), seconds, result)
 
 
 def _evaluate(v: Variant, inputs: _Inputs, engine: Any, folder: Path) -> Quality:
@@ -419,8 +432,8 @@ def _evaluate(v: Variant, inputs: _Inputs, engine: Any, folder: Path) -> Quality
         _give_back_memory()
 
 
-def _rounded(q: Quality) -> dict[str, float]:
-    return {k: round(val, 6) for k, val in q.as_dict().items()}
+def _rounded(q: Quality) -> QualityRecord:
+    return QualityRecord(**{k: round(val, 6) for k, val in q.as_dict().items()})
 
 
 def _cards(plan: Plan, m: Manifest, report: Reporter) -> Manifest:

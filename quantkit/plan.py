@@ -10,38 +10,10 @@ from pathlib import Path
 from typing import Any
 
 from .errors import Problem, RecipeError
-from .recipe import Params, Recipe, VariantSpec, valid_branch, valid_repo_name
-
-# Repo suffix per format, as TheBloke named them ({name}-GPTQ, -AWQ, -GGUF, -exl2).
-FORMAT_SUFFIX = {"gptq": "GPTQ", "awq": "AWQ", "gguf": "GGUF", "exl2": "exl2"}
+from .formats import FormatSpec
+from .recipe import SPECS, Params, Recipe, VariantSpec, valid_branch, valid_repo_name
 
 CACHE_SCHEMA = 1  # bump when what a cache key covers changes
-
-
-def _bpw(p: Any) -> str:
-    return f"{p.bpw:.2f}".rstrip("0").rstrip(".") if p.bpw * 10 % 1 else f"{p.bpw:.1f}"
-
-
-def _gguf_suffix(p: Any) -> str:
-    return "" if p.imatrix or p.quant in ("F16", "BF16", "F32") else "-noimatrix"
-
-
-# Variant name per format: the branch-style name users know from TheBloke's repos.
-VARIANT_NAME = {
-    "gptq": lambda p: f"gptq-{p.bits}bit-{p.group_size}g-actorder_{p.act_order}",
-    "awq": lambda p: f"awq-{p.bits}bit-{p.group_size}g",
-    "gguf": lambda p: f"gguf-{p.quant}{_gguf_suffix(p)}",
-    "exl2": lambda p: f"exl2-{_bpw(p)}bpw",
-}
-
-# Branch of a non-default variant: GPTQ/AWQ keep the full name, GGUF the quant type,
-# EXL2 the bits per weight ("4.0bpw"), as in the repos users already know.
-BRANCH_NAME = {
-    "gptq": VARIANT_NAME["gptq"],
-    "awq": VARIANT_NAME["awq"],
-    "gguf": lambda p: f"{p.quant}{_gguf_suffix(p)}",
-    "exl2": lambda p: f"{_bpw(p)}bpw",
-}
 
 
 @dataclass(frozen=True)
@@ -55,6 +27,10 @@ class Variant:
 
     def params_dict(self) -> dict[str, Any]:
         return self.params.model_dump()
+
+    @property
+    def spec(self) -> FormatSpec:
+        return SPECS[self.format]
 
 
 @dataclass(frozen=True)
@@ -79,7 +55,7 @@ class Plan:
 def repo_for(recipe: Recipe, fmt: str, owner: str | None = None) -> str:
     owner = owner or recipe.publish.owner or "{owner}"
     return recipe.publish.repo.format(owner=owner, name=recipe.model.model_name,
-                                      FORMAT=FORMAT_SUFFIX[fmt], format=fmt)
+                                      FORMAT=SPECS[fmt].repo_suffix, format=fmt)
 
 
 def make_plan(recipe: Recipe, out_dir: Path | None = None) -> Plan:
@@ -88,7 +64,7 @@ def make_plan(recipe: Recipe, out_dir: Path | None = None) -> Plan:
     variants: list[Variant] = []
     seen: dict[str, VariantSpec] = {}
     for spec in recipe.variants:
-        name = VARIANT_NAME[spec.format](spec.params)
+        name = SPECS[spec.format].variant_name(spec.params)
         if name in seen:
             problems.append(Problem(f"variants[{spec.index}]", f"gives {name!r} again (as "
                             f"variants[{seen[name].index}] does); variant names must be unique",
@@ -119,7 +95,7 @@ def _assign_branches(variants: list[Variant], recipe: Recipe, problems: list[Pro
         unnamed = [v for v in vs if not v.branch]
         default = mains[0] if mains else (unnamed[0] if unnamed else None)
         for v in vs:
-            branch = "main" if v is default else (v.branch or BRANCH_NAME[v.format](v.params))
+            branch = "main" if v is default else (v.branch or SPECS[v.format].branch_name(v.params))
             out.append(Variant(v.name, v.format, v.repo, branch, v.params, v.index))
     return out
 

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from . import atomic, card
-from .engines.base import ProgressFn, sha256_file
+from .records import ProgressFn, PublishedRecord, sha256_file
 from .errors import PublishError
 from .manifest import Manifest, VariantRecord
 from .plan import Plan, Variant, repo_for
@@ -516,8 +516,8 @@ def _mark(manifest: Manifest, b: BranchReport) -> Manifest:
     if b.status not in ("committed", "unchanged") or b.head is None:
         return manifest
     rec = manifest.variants[b.variant]
-    return manifest.with_variant(b.variant, replace(rec, state="published", published={
-        "repo": b.repo, "branch": b.branch, "commit": b.head}))
+    return manifest.with_variant(b.variant, replace(rec, state="published",
+                                                    published=PublishedRecord(b.repo, b.branch, b.head)))
 
 
 def publish(plan: Plan, manifest: Manifest, out_dir: Path, *, dry_run: bool = False,

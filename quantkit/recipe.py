@@ -1,7 +1,7 @@
 """Recipe: a TOML file validated at the door into frozen pydantic models.
 
-Lists in a `[[variants]]` entry expand to one variant per combination; the `[gptq]`,
-`[awq]`, `[gguf]`, `[exl2]` tables hold defaults for their variants. Every problem is
+Lists in a `[[variants]]` entry expand to one variant per combination; a table named after a
+format (its FormatSpec's defaults table) holds defaults for that format's variants. Every problem is
 reported with its field path and TOML line, all at once.
 """
 
@@ -12,63 +12,27 @@ import json
 import re
 import sys
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, SerializeAsAny, ValidationError, create_model, field_validator
 
+from .engines import ENGINES
 from .errors import Problem, RecipeError
+from .formats import GROUP_SIZES, FormatSpec, ParamsModel, one_of
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
 
-FORMATS = ("gptq", "awq", "gguf", "exl2")
-GROUP_SIZES = (-1, 32, 64, 128, 256, 1024)
 MAX_RECIPE_BYTES = 1_000_000  # the longest real recipe is a few KB
-
-# GGUF types llama-quantize writes: name -> (approximate bits per weight on a large
-# Llama, needs an importance matrix). Approximate values are llama.cpp's own table.
-GGUF_TYPES: dict[str, tuple[float, bool]] = {
-    "F32": (32.0, False),
-    "F16": (16.0, False),
-    "BF16": (16.0, False),
-    "Q8_0": (8.5, False),
-    "Q6_K": (6.56, False),
-    "Q5_K_M": (5.67, False),
-    "Q5_K_S": (5.52, False),
-    "Q5_1": (6.0, False),
-    "Q5_0": (5.5, False),
-    "Q4_K_M": (4.83, False),
-    "Q4_K_S": (4.58, False),
-    "Q4_1": (5.0, False),
-    "Q4_0": (4.5, False),
-    "Q3_K_L": (4.27, False),
-    "Q3_K_M": (3.91, False),
-    "Q3_K_S": (3.5, False),
-    "Q2_K": (3.35, False),
-    "Q2_K_S": (3.0, True),   # llama.cpp refuses it without an imatrix
-    "IQ4_NL": (4.5, True),   # IQ* are designed around an imatrix; we require one
-    "IQ4_XS": (4.25, True),
-    "IQ3_M": (3.66, True),
-    "IQ3_S": (3.44, True),
-    "IQ3_XS": (3.3, True),
-    "IQ3_XXS": (3.06, True),
-    "IQ2_M": (2.7, True),
-    "IQ2_S": (2.5, True),
-    "IQ2_XS": (2.31, True),
-    "IQ2_XXS": (2.06, True),
-    "IQ1_M": (1.75, True),
-    "IQ1_S": (1.56, True),
-}
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _HUB_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,96}$")
 _BRANCH = re.compile(r"^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*$")
 
 
-class _Frozen(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+_Frozen = ParamsModel  # every recipe table has the same rules: frozen, unknown keys refused
 
 
 # ---------------------------------------------------------------- top-level tables
@@ -130,108 +94,19 @@ class PublishSpec(_Frozen):
 
 
 # ---------------------------------------------------------------- per-format parameters
+# Each format's settings model lives in its module's FormatSpec (quantkit.engines, ENGINES).
 
-
-class GPTQParams(_Frozen):
-    bits: int = 4
-    group_size: int = 128
-    act_order: bool = True
-    damp: float = 0.1
-    sym: bool = True
-    true_sequential: bool = True
-    seq_len: int | None = Field(None, ge=16)  # None: [calibration] seq_len
-    engine: Literal["gptqmodel", "auto-gptq"] = "gptqmodel"
-
-    @field_validator("bits")
-    @classmethod
-    def _check_bits(cls, v: int) -> int:
-        return _one_of(v, (2, 3, 4, 8))
-    @field_validator("group_size")
-    @classmethod
-    def _check_group_size(cls, v: int) -> int:
-        return _one_of(v, GROUP_SIZES)
-
-    @field_validator("damp")
-    @classmethod
-    def _damp_range(cls, v: float) -> float:
-        if not 0 < v < 1:
-            raise ValueError("must be between 0 and 1 (exclusive), e.g. 0.1 for 10 %")
-        return v
-
-
-class AWQParams(_Frozen):
-    bits: int = 4
-    group_size: int = 128
-    zero_point: bool = True
-    engine: Literal["gptqmodel", "autoawq"] = "gptqmodel"
-
-    @field_validator("bits")
-    @classmethod
-    def _check_bits(cls, v: int) -> int:
-        return _one_of(v, (4,))
-    @field_validator("group_size")
-    @classmethod
-    def _check_group_size(cls, v: int) -> int:
-        return _one_of(v, GROUP_SIZES)
-
-
-class GGUFParams(_Frozen):
-    quant: str
-    imatrix: bool = True
-
-    @field_validator("quant")
-    @classmethod
-    def _known_type(cls, v: str) -> str:
-        up = v.upper()
-        if up not in GGUF_TYPES:
-            raise ValueError(f"unknown GGUF type {v!r}; known: {', '.join(GGUF_TYPES)}")
-        return up
-
-    @model_validator(mode="after")
-    def _imatrix_needed(self) -> GGUFParams:
-        if GGUF_TYPES[self.quant][1] and not self.imatrix:
-            raise ValueError(f"{self.quant} needs an importance matrix: set imatrix = true")
-        return self
-
-
-class EXL2Params(_Frozen):
-    bpw: float
-    head_bits: int = 6
-
-    @field_validator("bpw")
-    @classmethod
-    def _bpw_range(cls, v: float) -> float:
-        if not 2.0 <= v <= 8.0:
-            raise ValueError("must be between 2.0 and 8.0")
-        return float(v)
-
-    @field_validator("head_bits")
-    @classmethod
-    def _check_head_bits(cls, v: int) -> int:
-        return _one_of(v, (2, 3, 4, 5, 6, 8))
-
-
-PARAMS: dict[str, type[_Frozen]] = {
-    "gptq": GPTQParams,
-    "awq": AWQParams,
-    "gguf": GGUFParams,
-    "exl2": EXL2Params,
-}
-
-Params = GPTQParams | AWQParams | GGUFParams | EXL2Params
-
-
-def _one_of(v: int, allowed: tuple[int, ...]) -> int:
-    if v not in allowed:
-        raise ValueError(f"must be one of {', '.join(map(str, allowed))}")
-    return v
+SPECS: dict[str, FormatSpec] = {fmt: engine.spec for fmt, engine in ENGINES.items()}
+FORMATS = tuple(SPECS)
+PARAMS: dict[str, type[ParamsModel]] = {fmt: spec.params for fmt, spec in SPECS.items()}
+Params = ParamsModel  # any format's settings
 
 
 class VariantSpec(_Frozen):
     """One expanded variant as the recipe asks for it (before naming)."""
 
-    format: Literal["gptq", "awq", "gguf", "exl2"]
-    params: Params
+    format: str  # a key of SPECS
+    params: SerializeAsAny[ParamsModel]
     branch: str | None = None  # explicit branch; "main" marks the repo's default variant
     index: int  # position of its [[variants]] entry, for error messages
     line: int | None = None  # TOML line of that entry's header
@@ -248,7 +123,7 @@ class Recipe(_Frozen):
     base_dir: str = "."  # relative paths in the recipe resolve against this
 
 
-class _RecipeFile(_Frozen):
+class _RecipeFileBase(_Frozen):
     """The raw file shape: tables validated here, variants expanded afterwards."""
 
     version: int = 1
@@ -257,16 +132,17 @@ class _RecipeFile(_Frozen):
     evaluation: EvaluationSpec = EvaluationSpec()
     publish: PublishSpec = PublishSpec()
     build: BuildSpec = BuildSpec()
-    gptq: dict[str, Any] = {}
-    awq: dict[str, Any] = {}
-    gguf: dict[str, Any] = {}
-    exl2: dict[str, Any] = {}
     variants: list[dict[str, Any]] = Field(min_length=1)
 
     @field_validator("version")
     @classmethod
     def _v1(cls, v: int) -> int:
-        return _one_of(v, (1,))
+        return one_of(v, (1,))
+
+
+# Plus one table of defaults per format ([gptq], [gguf], ...), named by its spec.
+_RecipeFile = create_model("_RecipeFile", __base__=_RecipeFileBase,
+                           **{s.defaults_table: (dict[str, Any], {}) for s in SPECS.values()})
 
 
 # ---------------------------------------------------------------- loading
@@ -352,8 +228,9 @@ def _join_path(parts: list[str]) -> str:
 def _expand_all(rf: _RecipeFile, problems: list[Problem]) -> list[VariantSpec]:
     out: list[VariantSpec] = []
     for i, entry in enumerate(rf.variants):
-        out += _expand_one(i, entry, getattr(rf, entry.get("format", ""), {}) if
-                           entry.get("format") in FORMATS else {}, problems)
+        fmt = entry.get("format")
+        defaults = getattr(rf, SPECS[fmt].defaults_table) if fmt in SPECS else {}
+        out += _expand_one(i, entry, defaults, problems)
     return out
 
 
@@ -369,7 +246,7 @@ def _expand_one(i: int, entry: dict[str, Any], defaults: dict[str, Any],
     body = {k: v for k, v in entry.items() if k not in ("format", "branch")}
     for key in [*defaults, *body]:
         if key not in model.model_fields:
-            src = f"{fmt}.{key}" if key in defaults and key not in body else f"{where}.{key}"
+            src = f"{SPECS[fmt].defaults_table}.{key}" if key in defaults and key not in body else f"{where}.{key}"
             problems.append(Problem(src, f"unknown key for {fmt} (known: {', '.join(model.model_fields)})"))
     if problems:
         return []
@@ -394,7 +271,7 @@ def _validate_combo(i: int, fmt: str, combo: dict[str, Any], body: dict[str, Any
     except ValidationError as e:
         for path, msg in _pydantic_problems(e):
             key = path.split(".")[0].split("[")[0]
-            src = f"variants[{i}].{path}" if (key in body or not key) else f"{fmt}.{path}"
+            src = f"variants[{i}].{path}" if (key in body or not key) else f"{SPECS[fmt].defaults_table}.{path}"
             if not key:
                 src = f"variants[{i}]"
             problems.append(Problem(src, msg))

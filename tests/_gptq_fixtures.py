@@ -9,8 +9,9 @@ from pathlib import Path
 from typing import Any
 
 from quantkit.calibration import CalibrationSet, build_calibration
-from quantkit.engines.base import BuildContext, SourceModel
-from quantkit.evaluate import EvalSet, Quality, Reference, compute_reference, hf_logits, make_eval_set, score
+from quantkit.records import BuildContext, SourceModel
+from quantkit.evaluate import EvalSet, Quality, Reference, compute_reference, make_eval_set, score
+from quantkit.hfmodel import hf_logits
 from quantkit.plan import Variant, make_plan
 from quantkit.recipe import parse_recipe
 
@@ -68,4 +69,4 @@ def quality(engine: Any, folder: Path, bench: Bench) -> Quality:
 def build(engine: Any, variant: Variant, bench: Bench, out: Path) -> dict[str, Any]:
     out.mkdir(parents=True)
     bench.events.clear()
-    return engine.build(variant, bench.context(), out)
+    return engine.build(variant, bench.context(), out).note_dict()  # the manifest's notes

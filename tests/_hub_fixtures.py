@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 from hub_server import HubServer, use_hub
 
-from quantkit.engines.base import file_entries
+from quantkit.records import CalibrationRecord, QualityRecord, SourceRecord
+from quantkit.records import file_entries
 from quantkit.manifest import Manifest, VariantRecord
 from quantkit.plan import Plan, Variant, make_plan
 from quantkit.recipe import parse_recipe
@@ -106,8 +107,8 @@ def record(v: Variant, folder: Path, *, state: str = "evaluated", seed: int = 0)
     return VariantRecord(format=v.format, branch=v.branch, repo=v.repo, state=state,
                          params=v.params_dict(), files=files, size_bytes=sum(f.size for f in files),
                          bits_per_weight=round(rng.uniform(4, 9), 3),
-                         quality={"ppl": round(20 * (1 + delta / 100), 3), "ref_ppl": 20.0,
-                                  "delta_ppl_pct": delta, "kld": round(delta / 100, 4), "top1": 0.9},
+                         quality=QualityRecord(ppl=round(20 * (1 + delta / 100), 3), ref_ppl=20.0,
+                                               delta_ppl_pct=delta, kld=round(delta / 100, 4), top1=0.9),
                          seconds=12.0, engine="fixture", engine_version="fixture 1.0")
 
 
@@ -127,9 +128,9 @@ def fabricate_build(root: Path, *, recipe_text: str = DEMO_RECIPE, weight_bytes:
     for v in plan.variants:
         fabricate_files(v, plan.variant_dir(v), weight_bytes=weight_bytes, seed=0)
         variants[v.name] = record(v, plan.variant_dir(v), state=state)
-    manifest = Manifest("0" * 64, variants, calibration={"source": "quantkit German sample", "sha256": "c" * 64,
-                                                          "samples": 8, "seq_len": 256},
-                        source={"architecture": "LlamaForCausalLM", "quantkit_version": "0.1.0"})
+    manifest = Manifest("0" * 64, variants,
+                        calibration=CalibrationRecord("quantkit German sample", "c" * 64, samples=8, seq_len=256),
+                        source=SourceRecord(architecture="LlamaForCausalLM", quantkit_version="0.1.0"))
     return Build(plan, manifest, out)
 
 

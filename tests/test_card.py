@@ -21,10 +21,10 @@ from _hub_fixtures import SOURCE_CONFIG, fabricate_build  # noqa: E402
 from hub_server import HubServer  # noqa: E402
 
 from quantkit import card  # noqa: E402
-from quantkit.engines.base import FileEntry  # noqa: E402
 from quantkit.manifest import Manifest, VariantRecord  # noqa: E402
 from quantkit.plan import Plan, make_plan  # noqa: E402
 from quantkit.recipe import load_recipe, parse_recipe  # noqa: E402
+from quantkit.records import CalibrationRecord, FileEntry, PublishedRecord, QualityRecord, SourceRecord  # noqa: E402
 
 pytest_plugins = ("_hub_fixtures",)  # the `hub` fixture
 
@@ -77,13 +77,13 @@ def em_german_manifest(plan: Plan) -> Manifest:
         variants[v.name] = VariantRecord(
             format=v.format, branch=v.branch, repo=v.repo, state="evaluated", params=v.params_dict(), files=files,
             size_bytes=size, bits_per_weight=round(size * 8 / 13.0e9, 3),
-            quality={"ppl": round(6.2 * (1 + delta / 100), 3), "ref_ppl": 6.2, "delta_ppl_pct": delta, "kld": kld,
-                     "top1": top1},
+            quality=QualityRecord(ppl=round(6.2 * (1 + delta / 100), 3), ref_ppl=6.2, delta_ppl_pct=delta, kld=kld,
+                                  top1=top1),
             seconds=3600.0, engine="gptqmodel", engine_version="7.6.0", notes={"fixture": FIXTURE_NOTE})
-    calib = {"source": "deepset/germanquad (train)", "samples": 128, "seq_len": 4096, "n_items": 1312,
-             "sha256": hashlib.sha256(b"quantkit golden fixture, not a calibration set").hexdigest()}
+    calib = CalibrationRecord(source="deepset/germanquad (train)", samples=128, seq_len=4096, items=1312,
+                              sha256=hashlib.sha256(b"quantkit golden fixture, not a calibration set").hexdigest())
     return Manifest("f" * 64, variants, calibration=calib,
-                    source={"architecture": "LlamaForCausalLM", "quantkit_version": "0.1.0"})
+                    source=SourceRecord(architecture="LlamaForCausalLM", quantkit_version="0.1.0"))
 
 
 OFFLINE = card.OriginalCard(None, "jphme/em_german_13b_v01@main", "not fetched: this card was rendered offline")
@@ -153,11 +153,9 @@ def _manifest(plan: Plan, *, state: str = "evaluated") -> Manifest:
         size = 1_000_000 * (i + 1)
         out[v.name] = VariantRecord(v.format, v.branch, v.repo, state, params=v.params_dict(),
                                     files=(FileEntry(weights, size, "a" * 64),), size_bytes=size,
-                                    bits_per_weight=4.5, quality={"ppl": 21.0, "ref_ppl": 20.0,
-                                                                  "delta_ppl_pct": 5.0 + i, "kld": 0.05 + i / 100,
-                                                                  "top1": 0.9},
+                                    bits_per_weight=4.5, quality=QualityRecord(21.0, 20.0, 5.0 + i, 0.05 + i / 100, 0.9),
                                     engine=v.format, engine_version=f"{v.format}-engine 1.0")
-    return Manifest("0" * 64, out, calibration={"sha256": "b" * 64})
+    return Manifest("0" * 64, out, calibration=CalibrationRecord(sha256="b" * 64))
 
 
 def test_every_format_renders_the_same_sections(tmp_path: Path) -> None:
@@ -216,8 +214,7 @@ def test_sizes_and_quality_come_from_the_manifest(tmp_path: Path) -> None:
     rec = m.variants[name]
     m = m.with_variant(name, replace(rec, files=(FileEntry("model.safetensors", 13_650_000_000, "a" * 64),
                                                  FileEntry("README.md", 999, "c" * 64)),
-                                     quality={"ppl": 20.01, "ref_ppl": 20.0, "delta_ppl_pct": 0.05, "kld": 0.00091,
-                                              "top1": None}))
+                                     quality=QualityRecord(20.01, 20.0, 0.05, 0.00091, None)))  # type: ignore[arg-type]
     text = card.render_card(plan, m, name)
     row = next(ln for ln in text.splitlines() if ln.startswith(f"| **[{name}]"))
     assert "| 13.65 GB |" in row and "| +0.05 | 0.0009 |" in row  # README bytes are not the variant's size
@@ -281,8 +278,8 @@ def test_write_cards_moves_states(tmp_path: Path) -> None:
     m = card.write_cards(b.plan, m, b.out)
     assert m.variants[names[0]].state == "carded" and m.variants[names[1]].state == "built"
     assert (b.folder(names[0]) / "README.md").is_file() and not (b.folder(names[1]) / "README.md").exists()
-    published = m.with_variant(names[0], replace(m.variants[names[0]], state="published", published={
-        "repo": "quantkit-test/tiny_german-GPTQ", "branch": "main", "commit": "c" * 40}))
+    published = m.with_variant(names[0], replace(m.variants[names[0]], state="published", published=PublishedRecord(
+        "quantkit-test/tiny_german-GPTQ", "main", "c" * 40)))
     # the owner an earlier publish resolved is reused: the README names the real repo
     again = card.write_cards(b.plan, published, b.out)
     assert again.variants[names[0]].state == "carded"  # its README changed ({owner} -> quantkit-test)

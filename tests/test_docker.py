@@ -110,7 +110,8 @@ def test_no_build_step_compiles_for_the_build_machine(flavor: str, monkeypatch: 
     assert guard in code and not re.search(r"-march=native|GGML_NATIVE=ON|CFLAGS|CMAKE_ARGS", code.replace(guard, ""))
     for key, value in _env(flavor).items():
         monkeypatch.setenv(key, value)
-    assert any("python -m quantkit.engines.llamacpp build" in a for _, i, a in _instructions() if i == "RUN")
+    assert any("from quantkit.engines.llamacpp import build_toolchain; build_toolchain()" in a
+               for _, i, a in _instructions() if i == "RUN")
     flags = [*llamacpp.CMAKE_FLAGS, *llamacpp.extra_cmake_flags(Path(_env(flavor)["QUANTKIT_CACHE"]))]
     assert {"-DGGML_NATIVE=OFF", "-DGGML_BACKEND_DL=ON", "-DGGML_CPU_ALL_VARIANTS=ON"} <= set(flags)
     assert ("-DGGML_CUDA=ON" in flags) == (flavor == "cuda")

@@ -14,7 +14,7 @@ import pytest
 
 from _gptq_fixtures import variant_of
 from quantkit.calibration import CalibrationSet
-from quantkit.engines.base import BuildContext, SourceModel
+from quantkit.records import BuildContext, SourceModel
 from quantkit.engines.exl2 import EXL2Engine
 
 FAKE_CONVERTER = '''

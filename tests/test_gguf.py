@@ -1,7 +1,7 @@
 """GGUF engine: convert once, imatrix once, quantize, read back, evaluate; and its failures.
 
 Needs the llama.cpp toolchain, found the way the product finds it (LLAMA_CPP_DIR, PATH,
-then the cache that `python -m quantkit.engines.llamacpp build` fills); skipped without.
+then the cache that `quantkit toolchain` fills); skipped without.
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ import pytest
 
 from quantkit.engines import gguf as gguf_engine
 from quantkit.engines import llamacpp
-from quantkit.engines.base import BuildContext, SourceModel
+from quantkit.records import BuildContext, SourceModel
 from quantkit.errors import EngineError, EngineUnavailable
 from quantkit.plan import Variant
-from quantkit.recipe import GGUFParams
+from quantkit.engines.gguf import GGUFParams
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +86,7 @@ def _eval_ids(tok, ctx, n: int = 128) -> np.ndarray:
 def test_quantized_file_reads_back_with_metadata(tiny, toolchain):
     ctx, _, events, out = tiny
     eng = gguf_engine.GGUFEngine()
-    notes = eng.build(variant("Q4_K_M"), ctx, out / "q4km")
+    notes = eng.build(variant("Q4_K_M"), ctx, out / "q4km").note_dict()
     path = out / "q4km" / "tiny-llama.Q4_K_M.gguf"
     assert notes["file"] == path.name and sorted(p.name for p in (out / "q4km").iterdir()) == [path.name]
     got = gguf_engine.read_back(path)
@@ -107,7 +107,7 @@ def test_header_reader_agrees_with_gguf_reader(tiny, toolchain, tmp_path):
 
     ctx, _, _, out = tiny
     eng = gguf_engine.GGUFEngine()
-    notes = eng.build(variant("Q4_K_M"), ctx, out / "hdr")
+    notes = eng.build(variant("Q4_K_M"), ctx, out / "hdr").note_dict()
     path = out / "hdr" / notes["file"]
     r = GGUFReader(path)
     mine = gguf_engine.read_back(path)
@@ -144,7 +144,7 @@ def test_shared_inputs_are_made_once_and_keyed(tiny, toolchain):
 def test_float_variant_is_a_plain_copy(tiny, toolchain):
     ctx, _, _, out = tiny
     eng = gguf_engine.GGUFEngine()
-    notes = eng.build(variant("F16"), ctx, out / "f16")
+    notes = eng.build(variant("F16"), ctx, out / "f16").note_dict()
     got = gguf_engine.read_back(out / "f16" / notes["file"])
     assert got["tensor_types"] == {"F16": 16, "F32": 5} and not notes["imatrix"]
     assert got["imatrix_dataset"] is None
@@ -152,7 +152,7 @@ def test_float_variant_is_a_plain_copy(tiny, toolchain):
 
 def test_f16_gguf_matches_hf_logits(tiny, toolchain, bindings, tiny_llama):
     """A missing q/k permutation moves PPL a little but max |Δlogit| a lot: compare logits."""
-    from quantkit.evaluate import hf_logits
+    from quantkit.hfmodel import hf_logits
 
     ctx, tok, _, out = tiny
     eng = gguf_engine.GGUFEngine()
@@ -209,11 +209,11 @@ def test_prepare_runs_types_in_parallel_and_build_moves_them(tiny, toolchain):
     staged = [eng._stage_dir(v, ctx) for v in vs]
     assert all(any(d.glob("*.gguf")) for d in staged)
     for v in vs:
-        notes = eng.build(v, ctx, out / f"p-{v.name}")
+        notes = eng.build(v, ctx, out / f"p-{v.name}").note_dict()
         assert (out / f"p-{v.name}" / notes["file"]).is_file()
     assert not any(any(d.glob("*.gguf")) for d in staged)  # moved, not copied
     # build() without a staged file quantizes on its own
-    assert eng.build(vs[0], ctx, out / "again")["file"] == "tiny-llama.Q8_0.gguf"
+    assert eng.build(vs[0], ctx, out / "again").notes["file"] == "tiny-llama.Q8_0.gguf"
 
 
 def test_iq_without_imatrix_is_refused_others_kept(tiny, toolchain):
@@ -227,12 +227,12 @@ def test_iq_without_imatrix_is_refused_others_kept(tiny, toolchain):
     assert str(e.value) == ("gguf-IQ4_XS-noimatrix: gguf: IQ4_XS needs an importance matrix: "
                             "set imatrix = true (or pick a K-quant such as Q4_K_M)")
     assert not (out / "iq").exists()
-    assert eng.build(good, ctx, out / "q40")["file"] == "tiny-llama.Q4_0.gguf"
+    assert eng.build(good, ctx, out / "q40").notes["file"] == "tiny-llama.Q4_0.gguf"
 
 
 def test_iq_with_imatrix_builds(tiny, toolchain):
     ctx, _, _, out = tiny
-    notes = gguf_engine.GGUFEngine().build(variant("IQ4_XS"), ctx, out / "iq4xs")
+    notes = gguf_engine.GGUFEngine().build(variant("IQ4_XS"), ctx, out / "iq4xs").note_dict()
     assert notes["imatrix"] and notes["tensor_types"].get("IQ4_XS", 0) > 0
 
 
@@ -266,7 +266,7 @@ def test_imatrix_failure_fails_only_the_variants_that_need_it(tiny_llama, tmp_pa
     assert failed == {n: f"{n}: gguf: computing the importance matrix failed: boom"
                       for n in ("gguf-Q4_K_M", "gguf-IQ4_XS")}
     assert calls == [1]  # tried once, reported by each variant that needs it
-    assert eng.build(variant("Q8_0"), ctx, tmp_path / "q8")["file"] == "tiny-llama.Q8_0.gguf"
+    assert eng.build(variant("Q8_0"), ctx, tmp_path / "q8").notes["file"] == "tiny-llama.Q8_0.gguf"
 
 
 def test_full_disk_fails_that_variant_only(tiny, toolchain, monkeypatch):
@@ -280,7 +280,7 @@ def test_full_disk_fails_that_variant_only(tiny, toolchain, monkeypatch):
     failed = eng.prepare([variant("Q8_0"), variant("Q4_0")], ctx)
     assert list(failed) == ["gguf-Q8_0"]
     assert failed["gguf-Q8_0"].startswith("gguf-Q8_0: gguf: disk full: Q8_0 needs")
-    assert eng.build(variant("Q4_0"), ctx, out / "disk-q40")["file"] == "tiny-llama.Q4_0.gguf"
+    assert eng.build(variant("Q4_0"), ctx, out / "disk-q40").notes["file"] == "tiny-llama.Q4_0.gguf"
 
 
 def test_write_error_on_a_full_disk_is_named(tiny, toolchain, monkeypatch, tmp_path):
@@ -318,7 +318,8 @@ def test_missing_toolchain_is_one_line(tiny, monkeypatch, tmp_path):
 def test_smollm2_f16_matches_hf_and_imatrix_helps(smollm2_2l, tmp_path, toolchain, bindings):
     """Real weights (SmolLM2's first two layers): F16 logits match HF; the German imatrix
     lowers KLD at Q2_K on held-out German text."""
-    from quantkit.evaluate import _log_softmax, hf_logits
+    from quantkit.evaluate import _log_softmax
+    from quantkit.hfmodel import hf_logits
 
     ctx, tok, _ = make_ctx(smollm2_2l, tmp_path / "work", samples=8, seq_len=512)
     eng = gguf_engine.GGUFEngine()

@@ -179,7 +179,7 @@ def test_gptq_on_cuda(tiny_llama: Path, tmp_path: Path) -> None:
     ctx = replace(bench_ctx, device="cuda")
     v = variant_of(tiny_llama, 'format = "gptq"\nbits = 4\ngroup_size = 64')
     (tmp_path / "out").mkdir()
-    notes = GPTQ.build(v, ctx, tmp_path / "out")
+    notes = GPTQ.build(v, ctx, tmp_path / "out").note_dict()
     assert notes["device"] == "cuda"
     with GPTQ.open_model(tmp_path / "out", ctx) as fn:
         logits = fn(bench.eval_set.chunks[0])

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from quantkit.errors import SourceError
-from quantkit.evaluate import compute_reference, hf_logits, make_eval_set, streamed_rows
+from quantkit.evaluate import compute_reference, make_eval_set, streamed_rows
+from quantkit.hfmodel import hf_logits
 from quantkit.streaming import _Loader, streamed_logits
 
 

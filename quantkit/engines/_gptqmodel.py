@@ -26,9 +26,15 @@ from typing import Any
 
 import numpy as np
 
+from .. import formats as f
 from ..errors import EngineError, EngineUnavailable
-from ..resources import PROCESS_BASE, Estimate, Machine, ModelShape, Workload
-from .base import WEIGHT_SUFFIXES, LogitsFn, ProgressFn
+from ..records import WEIGHT_SUFFIXES, LogitsFn, ProgressFn
+from ..sizing import PROCESS_BASE, Estimate, Machine, ModelShape, Workload
+
+# Runtimes that serve both GPTQ and AWQ checkpoints (the card's compatibility rows).
+# vLLM has kernels for GPTQ 2/3/4/8 bits and AWQ GEMM; TGI serves both with --quantize.
+VLLM = f.Runtime("vLLM", f.always, "`vllm serve REPO --revision BRANCH --quantization {fmt}`")
+TGI = f.Runtime("Text Generation Inference", f.always, "`--quantize {fmt}`")
 
 GPTQ_EXTRA = "pip install 'quantkit-workbench[gptq]'"
 # What the checkpoint holds besides the packed weights (embeddings, norms, scales): fp16,
@@ -395,7 +401,7 @@ def open_quantized(folder: Path, device: str, log_path: Path | None = None) -> I
     """
     prepare_env()
     gptqmodel_version()
-    from ..evaluate import hf_logits  # evaluate imports engines.base: import late
+    from ..hfmodel import hf_logits
 
     if device == "cuda":
         cm = hf_logits(folder, dtype="float16", device_map={"": "cuda:0"})

@@ -9,30 +9,77 @@ the slowest CPU format by far.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
+from pydantic import field_validator
+
+from .. import formats as f
 from ..errors import EngineError, EngineUnavailable
+from ..records import BuildContext, EngineResult, LogitsFn
 from . import _gptqmodel as gm
-from .base import BuildContext, LogitsFn
 
 if TYPE_CHECKING:
     from ..plan import Variant
-    from ..recipe import AWQParams
-    from ..resources import Estimate, Machine, ModelShape, Workload
+    from ..sizing import Estimate, Machine, ModelShape, Workload
 
 AUTOAWQ_EXTRA = "pip install 'quantkit-workbench[autoawq]'"
 AUTOAWQ_PARALLEL_SAMPLES = 8  # AutoAWQ runs all samples at once by default: a memory spike
 
 
+class AWQParams(f.ParamsModel):
+    bits: int = 4
+    group_size: int = 128
+    zero_point: bool = True
+    engine: Literal["gptqmodel", "autoawq"] = "gptqmodel"
+
+    @field_validator("bits")
+    @classmethod
+    def _check_bits(cls, v: int) -> int:
+        return f.one_of(v, (4,))
+
+    @field_validator("group_size")
+    @classmethod
+    def _check_group_size(cls, v: int) -> int:
+        return f.one_of(v, f.GROUP_SIZES)
+
+
+def _describe(p: Mapping[str, Any]) -> str:
+    return f"{p['bits']}-bit AWQ (GEMM), group size {p.get('group_size')}"
+
+
+def _name(p: AWQParams) -> str:
+    return f"awq-{p.bits}bit-{p.group_size}g"
+
+
+SPEC = f.FormatSpec(
+    name="awq", repo_suffix="AWQ", params=AWQParams, variant_name=_name, branch_name=_name,
+    name_keys=frozenset({"bits", "group_size"}),
+    columns=(f.BRANCH, f.Column("Bits", lambda r: str(r.params.get("bits"))),
+             f.Column("GS", lambda r: f.group_size_cell(r.params)),
+             f.Column("Zero point", lambda r: f.yes(r.params.get("zero_point"))),
+             f.DATASET, f.SEQ_LEN, f.SIZE, *f.QUALITY, f.DESCRIPTION),
+    describe=_describe, use="GPU inference with AWQ (GEMM) kernels",
+    tags=("awq", "quantized", "quantkit"), library_name="transformers",  # GPTQModel's AWQ kernels
+    runtimes=(
+        gm.VLLM, gm.TGI, f.TEXTGEN_WEBUI,
+        # AWQ GEMM checkpoints load in transformers through GPTQModel's AWQ kernels.
+        f.Runtime("transformers + GPTQModel (AWQ GEMM)", f.always, "`AutoModelForCausalLM.from_pretrained`"),
+    ),
+    example={"bits": 4, "group_size": 128},
+)
+
+
 class AWQEngine:
     name = "awq"
+    spec = SPEC
 
     def version(self) -> str:
         return gm.gptqmodel_version()
 
-    def build(self, variant: Variant, ctx: BuildContext, out_dir: Path) -> dict[str, Any]:
+    def build(self, variant: Variant, ctx: BuildContext, out_dir: Path) -> EngineResult:
         p: AWQParams = variant.params  # type: ignore[assignment]
         examples = gm.calibration_examples(ctx.calib.windows)
         device = gm.device_of(ctx.device)
@@ -50,7 +97,7 @@ class AWQEngine:
         notes = gm.finish_folder(out_dir, ctx.source.path, log_dir=ctx.work_dir,
                                  log_name=f"{variant.name}.quant_log.csv")
         gm.check_output(self.name, out_dir, expected_config(p))
-        return {"quantizer": quantizer, "device": device, **gm.calibration_notes(examples), **notes}
+        return EngineResult(quantizer, device, notes={**gm.calibration_notes(examples), **notes})
 
     def open_model(self, folder: Path, ctx: BuildContext) -> AbstractContextManager[LogitsFn]:
         return gm.open_quantized(folder, gm.device_of(ctx.device),

@@ -17,9 +17,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from pydantic import field_validator
+
+from .. import formats as f
 from ..errors import EngineError, EngineUnavailable
-from ..resources import PROCESS_BASE, Estimate, Machine, ModelShape, Workload
-from .base import BuildContext, LogitsFn
+from ..records import BuildContext, EngineResult, LogitsFn
+from ..sizing import PROCESS_BASE, Estimate, Machine, ModelShape, Workload
 
 if TYPE_CHECKING:
     from ..plan import Variant
@@ -27,8 +30,51 @@ if TYPE_CHECKING:
 PIN = "0.3.2"
 
 
+class EXL2Params(f.ParamsModel):
+    bpw: float
+    head_bits: int = 6
+
+    @field_validator("bpw")
+    @classmethod
+    def _bpw_range(cls, v: float) -> float:
+        if not 2.0 <= v <= 8.0:
+            raise ValueError("must be between 2.0 and 8.0")
+        return float(v)
+
+    @field_validator("head_bits")
+    @classmethod
+    def _check_head_bits(cls, v: int) -> int:
+        return f.one_of(v, (2, 3, 4, 5, 6, 8))
+
+
+def _bpw(p: EXL2Params) -> str:
+    """"4.0", "6.5", "4.25": as exllamav2 users name their branches."""
+    return f"{p.bpw:.2f}".rstrip("0").rstrip(".") if p.bpw * 10 % 1 else f"{p.bpw:.1f}"
+
+
+SPEC = f.FormatSpec(
+    name="exl2", repo_suffix="exl2", params=EXL2Params,
+    variant_name=lambda p: f"exl2-{_bpw(p)}bpw", branch_name=lambda p: f"{_bpw(p)}bpw",
+    name_keys=frozenset({"bpw"}),
+    columns=(f.BRANCH, f.Column("Bits/weight", lambda r: f"{r.params.get('bpw')}"),
+             f.Column("Head bits", lambda r: str(r.params.get("head_bits"))), f.DATASET, f.SIZE,
+             *f.QUALITY, f.DESCRIPTION),
+    describe=lambda p: f"{p['bpw']} bits per weight, {p.get('head_bits')}-bit output layer",
+    use="GPU inference with exllamav2, one bits-per-weight choice per branch",
+    tags=("exl2", "quantized", "quantkit"), library_name=None,  # exllamav2 is not a Hub library id
+    runtimes=(
+        f.TEXTGEN_WEBUI,
+        # EXL2 is exllamav2's own format (CUDA only) and the servers built on it.
+        f.Runtime("exllamav2", f.always, "`ExLlamaV2Config(DIR)`"),
+        f.Runtime("TabbyAPI", f.always, "model folder in `models/`"),
+    ),
+    example={"bpw": 4.0},
+)
+
+
 class EXL2Engine:
     name = "exllamav2"
+    spec = SPEC
 
     def version(self) -> str:
         try:
@@ -40,8 +86,8 @@ class EXL2Engine:
             raise EngineUnavailable(self.name, "EXL2 conversion needs a CUDA GPU; none found")
         return f"exllamav2 {v}"
 
-    def build(self, variant: Variant, ctx: BuildContext, out_dir: Path) -> dict[str, Any]:
-        p = variant.params
+    def build(self, variant: Variant, ctx: BuildContext, out_dir: Path) -> EngineResult:
+        p: EXL2Params = variant.params  # type: ignore[assignment]
         work = ctx.work_dir / f"exl2-job-{variant.name}"
         calib = ctx.calib.write_parquet(ctx.work_dir / f"calibration-{ctx.calib.sha256[:12]}.parquet")
         seq = int(ctx.calib.windows.shape[1])
@@ -59,7 +105,8 @@ class EXL2Engine:
         if not reuse and (work / "measurement.json").is_file():
             shutil.copyfile(work / "measurement.json", shared)
         ctx.progress("exllamav2 convert", 1, 1)
-        return {"bpw": p.bpw, "head_bits": p.head_bits}
+        return EngineResult(f"exllamav2 {importlib.metadata.version('exllamav2')}", "cuda",
+                            notes={"bpw": p.bpw, "head_bits": p.head_bits})
 
     def estimate(self, variant: Variant, shape: ModelShape, work: Workload, machine: Machine) -> Estimate:
         """exllamav2's converter: a measurement pass and a quantization pass over the calibration

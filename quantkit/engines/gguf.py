@@ -30,11 +30,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from pydantic import field_validator, model_validator
+
+from .. import formats as f
 from ..errors import EngineError, EngineUnavailable
-from ..recipe import GGUF_TYPES
-from ..resources import PROCESS_BASE, Estimate, Machine, ModelShape, Workload
+from ..records import BuildContext, EngineResult, LogitsFn
+from ..sizing import PROCESS_BASE, Estimate, Machine, ModelShape, Workload
 from . import llamacpp
-from .base import BuildContext, LogitsFn
 
 if TYPE_CHECKING:
     from ..plan import Variant
@@ -44,6 +46,96 @@ NO_IMATRIX_USE = (*FLOAT_TYPES, "Q8_0")  # llama.cpp ignores an imatrix for thes
 IMATRIX_CTX = 512  # llama-imatrix's default chunk length; shorter only when the text is short
 MIN_FREE_AFTER_FAIL = 64 << 20  # a failed write with less free than this is a full disk
 MB = 1 << 20
+
+# Llama, needs an importance matrix). Approximate values are llama.cpp's own table.
+GGUF_TYPES: dict[str, tuple[float, bool]] = {
+    "F32": (32.0, False),
+    "F16": (16.0, False),
+    "BF16": (16.0, False),
+    "Q8_0": (8.5, False),
+    "Q6_K": (6.56, False),
+    "Q5_K_M": (5.67, False),
+    "Q5_K_S": (5.52, False),
+    "Q5_1": (6.0, False),
+    "Q5_0": (5.5, False),
+    "Q4_K_M": (4.83, False),
+    "Q4_K_S": (4.58, False),
+    "Q4_1": (5.0, False),
+    "Q4_0": (4.5, False),
+    "Q3_K_L": (4.27, False),
+    "Q3_K_M": (3.91, False),
+    "Q3_K_S": (3.5, False),
+    "Q2_K": (3.35, False),
+    "Q2_K_S": (3.0, True),   # llama.cpp refuses it without an imatrix
+    "IQ4_NL": (4.5, True),   # IQ* are designed around an imatrix; we require one
+    "IQ4_XS": (4.25, True),
+    "IQ3_M": (3.66, True),
+    "IQ3_S": (3.44, True),
+    "IQ3_XS": (3.3, True),
+    "IQ3_XXS": (3.06, True),
+    "IQ2_M": (2.7, True),
+    "IQ2_S": (2.5, True),
+    "IQ2_XS": (2.31, True),
+    "IQ2_XXS": (2.06, True),
+    "IQ1_M": (1.75, True),
+    "IQ1_S": (1.56, True),
+}
+
+
+class GGUFParams(f.ParamsModel):
+    quant: str
+    imatrix: bool = True
+
+    @field_validator("quant")
+    @classmethod
+    def _known_type(cls, v: str) -> str:
+        up = v.upper()
+        if up not in GGUF_TYPES:
+            raise ValueError(f"unknown GGUF type {v!r}; known: {', '.join(GGUF_TYPES)}")
+        return up
+
+    @model_validator(mode="after")
+    def _imatrix_needed(self) -> GGUFParams:
+        if GGUF_TYPES[self.quant][1] and not self.imatrix:
+            raise ValueError(f"{self.quant} needs an importance matrix: set imatrix = true")
+        return self
+
+
+def _uses_imatrix(p: Any) -> bool:
+    """Whether llama.cpp used the importance matrix for this type (it ignores it for 8-bit and floats)."""
+    return bool(p.get("imatrix")) and p.get("quant") not in NO_IMATRIX_USE
+
+
+def _suffix(p: GGUFParams) -> str:
+    return "" if p.imatrix or p.quant in FLOAT_TYPES else "-noimatrix"
+
+
+def _gguf_file(row: f.CardRow) -> str:
+    return next((e.path for e in row.record.files if e.path.endswith(".gguf")), "")
+
+
+SPEC = f.FormatSpec(
+    name="gguf", repo_suffix="GGUF", params=GGUFParams,
+    variant_name=lambda p: f"gguf-{p.quant}{_suffix(p)}", branch_name=lambda p: f"{p.quant}{_suffix(p)}",
+    name_keys=frozenset({"quant"}),
+    columns=(f.BRANCH, f.Column("File", lambda r: f"`{_gguf_file(r)}`"),
+             f.Column("Quant", lambda r: str(r.params.get("quant"))),
+             f.Column("Bits/weight", lambda r: f"{r.record.bits_per_weight:.2f}"),
+             f.Column("imatrix", lambda r: r.dataset if _uses_imatrix(r.params) else "No"), f.SIZE,
+             *f.QUALITY, f.DESCRIPTION),
+    describe=lambda p: f"llama.cpp {p['quant']}" + (", with importance matrix" if _uses_imatrix(p) else ""),
+    use="CPU and CPU+GPU inference with llama.cpp and the apps built on it",
+    tags=("gguf", "quantized", "quantkit"), library_name=None,  # the Hub recognises .gguf files itself
+    runtimes=(
+        f.TEXTGEN_WEBUI,
+        # GGUF is llama.cpp's format; everything that embeds llama.cpp reads it.
+        f.Runtime("llama.cpp", f.always, "`llama-cli -m FILE`"),
+        f.Runtime("llama-cpp-python", f.always, "`Llama(model_path=FILE)`"),
+        f.Runtime("LM Studio, Ollama, KoboldCpp", f.always, "open or import the .gguf file"),
+    ),
+    card_context=lambda row: {"gguf_file": _gguf_file(row)},
+    example={"quant": "Q4_K_M"},
+)
 
 
 @dataclass(frozen=True)
@@ -274,6 +366,7 @@ class GGUFEngine:
     """Engine for `format = "gguf"`; see the module docstring for the flow."""
 
     name = "gguf"
+    spec = SPEC
 
     def __init__(self, llama_cpp_dir: str | Path | None = None, jobs: int | None = None):
         self.llama_cpp_dir = llama_cpp_dir  # None: LLAMA_CPP_DIR, PATH, then the cache
@@ -394,7 +487,7 @@ class GGUFEngine:
         seconds = round(time.monotonic() - t0, 2)
         return Built(out, {**_notes(quant, base, got, im, tc), "quantize_seconds": seconds})
 
-    def build(self, variant: Variant, ctx: BuildContext, out_dir: Path) -> dict[str, Any]:
+    def build(self, variant: Variant, ctx: BuildContext, out_dir: Path) -> EngineResult:
         """Write `{name}.{QUANT}.gguf` into out_dir; uses prepare()'s staged file when there."""
         staged = self._take_staged(variant, ctx)
         if isinstance(staged, EngineError):
@@ -403,15 +496,19 @@ class GGUFEngine:
             out_dir.mkdir(parents=True, exist_ok=True)
             dest = out_dir / staged.path.name
             shutil.move(staged.path, dest)
-            return {**staged.notes, "file": dest.name}
-        built = self.quantize(variant, ctx, out_dir)
-        return {**built.notes, "file": built.path.name}
+            built = Built(dest, staged.notes)
+        else:
+            built = self.quantize(variant, ctx, out_dir)
+        notes = {k: v for k, v in built.notes.items() if k != "quantize_seconds"}
+        # prepare() quantized it ahead, in parallel: its own clock, not build()'s, is the time.
+        return EngineResult(f"llama.cpp {notes['llama_cpp']}", "cpu", built.notes["quantize_seconds"],
+                            {**notes, "file": built.path.name})
 
     def prepare(self, variants: Sequence[Variant], ctx: BuildContext) -> dict[str, str]:
         """Optional batch step: convert, imatrix, then quantize all GGUF variants in parallel
         (up to cores and RAM) into work_dir; build() then only moves each file. Returns
         variant name → error for those that failed (build() raises the same error)."""
-        todo = [v for v in variants if v.format == "gguf"]
+        todo = [v for v in variants if v.format == SPEC.name]
         if not todo:
             return {}
         tc = self.toolchain()

@@ -8,29 +8,104 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
+from pydantic import Field, field_validator
+
+from .. import formats as f
 from ..errors import EngineError, EngineUnavailable
+from ..records import BuildContext, EngineResult, LogitsFn
 from . import _gptqmodel as gm
-from .base import BuildContext, LogitsFn
 
 if TYPE_CHECKING:
-    from ..resources import Estimate, Machine, ModelShape, Workload
     from ..plan import Variant
-    from ..recipe import GPTQParams
+    from ..sizing import Estimate, Machine, ModelShape, Workload
 
 AUTOGPTQ_EXTRA = "pip install 'quantkit-workbench[auto-gptq]'"
 
 
+class GPTQParams(f.ParamsModel):
+    bits: int = 4
+    group_size: int = 128
+    act_order: bool = True
+    damp: float = 0.1
+    sym: bool = True
+    true_sequential: bool = True
+    seq_len: int | None = Field(None, ge=16)  # None: [calibration] seq_len
+    engine: Literal["gptqmodel", "auto-gptq"] = "gptqmodel"
+
+    @field_validator("bits")
+    @classmethod
+    def _check_bits(cls, v: int) -> int:
+        return f.one_of(v, (2, 3, 4, 8))
+
+    @field_validator("group_size")
+    @classmethod
+    def _check_group_size(cls, v: int) -> int:
+        return f.one_of(v, f.GROUP_SIZES)
+
+    @field_validator("damp")
+    @classmethod
+    def _damp_range(cls, v: float) -> float:
+        if not 0 < v < 1:
+            raise ValueError("must be between 0 and 1 (exclusive), e.g. 0.1 for 10 %")
+        return v
+
+
+_LLAMA_LIKE = ("LlamaForCausalLM", "MistralForCausalLM")
+
+
+def _exllama(p: Mapping[str, Any], arch: str | None) -> bool | None:
+    """ExLlama's GPTQ kernels are 4-bit only and know Llama-style layers (TheBloke's column)."""
+    if p.get("bits") != 4:
+        return False
+    return None if not arch else arch in _LLAMA_LIKE
+
+
+def _describe(p: Mapping[str, Any]) -> str:
+    return (f"{p['bits']}-bit" + (", act order" if p.get("act_order") else "")
+            + (", no grouping" if p.get("group_size") == -1 else f", group size {p.get('group_size')}"))
+
+
+def _name(p: GPTQParams) -> str:
+    return f"gptq-{p.bits}bit-{p.group_size}g-actorder_{p.act_order}"
+
+
+SPEC = f.FormatSpec(
+    name="gptq", repo_suffix="GPTQ", params=GPTQParams, variant_name=_name, branch_name=_name,
+    name_keys=frozenset({"bits", "group_size", "act_order"}),
+    # TheBloke's GPTQ table plus measured quality.
+    columns=(f.BRANCH, f.Column("Bits", lambda r: str(r.params.get("bits"))),
+             f.Column("GS", lambda r: f.group_size_cell(r.params)),
+             f.Column("Act Order", lambda r: f.yes(r.params.get("act_order"))),
+             f.Column("Damp %", lambda r: f"{r.params.get('damp', 0):g}"), f.DATASET, f.SEQ_LEN, f.SIZE,
+             f.Column("ExLlama", lambda r: f.yes(_exllama(r.params, r.architecture))), *f.QUALITY,
+             f.DESCRIPTION),
+    describe=_describe, use="GPU inference; one set of GPTQ parameters per branch",
+    tags=("gptq", "quantized", "quantkit"), library_name="transformers",  # loads through GPTQModel
+    runtimes=(
+        f.Runtime("ExLlama (v1/v2 kernels)", _exllama, "ExLlamav2 loader"),
+        # transformers 5 loads GPTQ checkpoints through GPTQModel (+ optimum), any bit width.
+        f.Runtime("transformers + GPTQModel", f.always, "`AutoModelForCausalLM.from_pretrained`"),
+        # vLLM has GPTQ kernels for 2/3/4/8 bits; we write GPTQ v1 ("gptq"), which it reads.
+        gm.VLLM, gm.TGI,
+        f.TEXTGEN_WEBUI,
+    ),
+    example={"bits": 4, "group_size": 128, "act_order": True},
+)
+
+
 class GPTQEngine:
     name = "gptq"
+    spec = SPEC
 
     def version(self) -> str:
         return gm.gptqmodel_version()
 
-    def build(self, variant: Variant, ctx: BuildContext, out_dir: Path) -> dict[str, Any]:
+    def build(self, variant: Variant, ctx: BuildContext, out_dir: Path) -> EngineResult:
         p: GPTQParams = variant.params  # type: ignore[assignment]
         examples = gm.calibration_examples(ctx.calib.windows, p.seq_len)
         device = gm.device_of(ctx.device)
@@ -43,8 +118,8 @@ class GPTQEngine:
             notes = gm.finish_folder(out_dir, ctx.source.path, log_dir=ctx.work_dir,
                                      log_name=f"{variant.name}.quant_log.csv")
         gm.check_output(self.name, out_dir, expected_config(p))
-        return {"quantizer": quantizer, "device": device, "damp_percent": p.damp,
-                **gm.calibration_notes(examples), **notes}
+        return EngineResult(quantizer, device, notes={"damp_percent": p.damp,
+                                                      **gm.calibration_notes(examples), **notes})
 
     def open_model(self, folder: Path, ctx: BuildContext) -> AbstractContextManager[LogitsFn]:
         return gm.open_quantized(folder, gm.device_of(ctx.device),

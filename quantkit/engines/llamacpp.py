@@ -5,8 +5,8 @@ Found in this order, each part on its own: an explicit directory (argument or
 (`QUANTKIT_CACHE`, default ~/.cache/quantkit) that `build_toolchain` fills from the pinned
 llama-cpp-python sdist, so tools, converter and bindings share one llama.cpp version.
 
-The cached build is one explicit step: `python -m quantkit.engines.llamacpp build`
-(or `quantkit toolchain build`). It compiles llama.cpp once as shared libraries: the tools
+The cached build is one explicit step, `quantkit toolchain`.
+It compiles llama.cpp once as shared libraries: the tools
 link to them, and the bindings wheel is packed from the same libraries instead of
 compiling llama.cpp a second time. Every step is skipped when its output is there.
 """
@@ -36,7 +36,7 @@ PIN = "0.3.36"  # llama-cpp-python: the bindings, and the llama.cpp tree the too
 SDIST = f"llama_cpp_python-{PIN}"
 TOOLS = ("llama-quantize", "llama-imatrix", "llama-perplexity")
 CONVERTER = "convert_hf_to_gguf.py"
-BUILD_COMMAND = "python -m quantkit.engines.llamacpp build"
+BUILD_COMMAND = "quantkit toolchain"
 # Where a llama.cpp checkout or install keeps its executables, relative to its root.
 TOOL_SUBDIRS = ("", "bin", "build/bin", "build/bin/Release")
 # The cached build: shared libraries (the wheel reuses them), found next to the tools via $ORIGIN.
@@ -457,42 +457,3 @@ def build_toolchain(progress: Progress = _no_progress, *, cache: Path | None = N
         rep.steps["install"] = "installed" if install_wheel(rep.wheel) else "cached"
         rep.seconds["install"] = round(time.monotonic() - t0, 1)
     return rep
-
-
-def _main(argv: list[str]) -> int:
-    """`python -m quantkit.engines.llamacpp build|doctor`: for CI and the Dockerfile."""
-    import argparse
-
-    ap = argparse.ArgumentParser(prog="python -m quantkit.engines.llamacpp")
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    b = sub.add_parser("build", help="build or restore the llama.cpp tools and bindings wheel (cached)")
-    b.add_argument("--no-bindings", action="store_true", help="tools and converter only")
-    b.add_argument("--no-install", action="store_true", help="build the wheel but do not install it")
-    b.add_argument("--jobs", type=int, default=None)
-    sub.add_parser("doctor", help="show which toolchain is found")
-    args = ap.parse_args(argv)
-    if args.cmd == "doctor":
-        for r in doctor():
-            print(f"{'ok ' if r.ok else 'MISSING'} {r.part:10} {r.detail}  {r.source}")
-        return 0 if all(r.ok for r in doctor()) else 1
-    last = [""]
-
-    def show(task: str, done: int, total: int | None) -> None:
-        if task != last[0] or (total and done == total) or done % 20 == 0:
-            print(f"{task}: {done}/{total}" if total else f"{task} ...", file=sys.stderr, flush=True)
-            last[0] = task
-
-    try:
-        rep = build_toolchain(show, bindings=not args.no_bindings, install=not args.no_install,
-                              jobs=args.jobs)
-    except EngineError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    for step, state in rep.steps.items():
-        print(f"{step:8} {state:9} {rep.seconds[step]:7.1f} s")
-    print(f"tools    {rep.tools}\nwheel    {rep.wheel}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(_main(sys.argv[1:]))

@@ -1,0 +1,167 @@
+"""The shape of format knowledge: one FormatSpec per format, defined in the format's own module
+(quantkit/engines/<fmt>.py) and registered in the ENGINES table. recipe.py, plan.py, card.py
+and cli.py read every format difference from the specs; none of them names a format.
+
+This module is neutral: it imports only quantkit.records, so format modules and stages both use it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel, ConfigDict
+
+from .records import FileEntry, QualityRecord
+
+if TYPE_CHECKING:
+    from .manifest import VariantRecord
+    from .plan import Variant
+
+README = "README.md"
+GROUP_SIZES = (-1, 32, 64, 128, 256, 1024)  # -1: one group per row (GPTQ's "no grouping")
+
+
+class ParamsModel(BaseModel):
+    """Base of every format's settings model: frozen, and an unknown key is an error."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def one_of(v: Any, allowed: tuple[Any, ...]) -> Any:
+    """For field validators: a value from a fixed list, with the list in the message."""
+    if v not in allowed:
+        raise ValueError(f"must be one of {', '.join(map(str, allowed))}")
+    return v
+
+
+# ---------------------------------------------------------------- card pieces
+
+
+@dataclass(frozen=True)
+class CardRow:
+    """One variant in its repo's provided-files table (quantkit.card builds these)."""
+
+    variant: Variant
+    record: VariantRecord
+    params: Mapping[str, Any]  # the recipe's settings plus what the engine recorded
+    link: str  # the branch on the Hub
+    current: bool  # the row of the card's own branch
+    architecture: str | None  # config.json's architectures[0]
+    describe: str  # the spec's words for the params
+    remarks: tuple[str, ...] = ()  # measured superlatives: "smallest download", "lowest KLD"
+    dataset: str = ""  # the calibration data, as a Markdown cell
+    seq_len: int | None = None
+
+    @property
+    def quality(self) -> QualityRecord | None:
+        return self.record.quality
+
+    @property
+    def description(self) -> str:
+        return "; ".join((self.describe, *self.remarks))
+
+
+@dataclass(frozen=True)
+class Column:
+    title: str
+    value: Callable[[CardRow], str]
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """A row of the card's compatibility table."""
+
+    name: str
+    works: Callable[[Mapping[str, Any], str | None], bool | None]  # (params, architecture); None: unknown
+    how: str  # how to load it there; "{fmt}" becomes the format's name
+
+
+def always(p: Mapping[str, Any], arch: str | None) -> bool | None:
+    return True
+
+
+# text-generation-webui loads every format we write (a loader per format).
+TEXTGEN_WEBUI = Runtime("text-generation-webui", always, "`REPO:BRANCH` in Download")
+
+
+def files_size(files: tuple[FileEntry, ...], fallback: int = 0) -> int:
+    """Bytes of the built files; the README is not one of them (it shows this number)."""
+    built = [f for f in files if f.path != README]
+    return sum(f.size for f in built) if built else fallback
+
+
+def human_size(n: int) -> str:
+    """Decimal units, as the Hub shows file sizes."""
+    for unit, step in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= step:
+            return f"{n / step:.2f} {unit}"
+    return f"{n} B"
+
+
+def yes(v: bool | None) -> str:
+    return {True: "Yes", False: "No", None: "Unknown"}[v]
+
+
+QUALITY_FORMAT = {"delta_ppl_pct": "+.2f", "kld": ".4f", "ppl": ".3f"}  # digits the card shows
+
+
+def quality_cell(q: QualityRecord | None, key: str) -> str:
+    v = None if q is None else getattr(q, key)
+    return "n/a" if v is None else format(v, QUALITY_FORMAT[key])
+
+
+def group_size_cell(p: Mapping[str, Any]) -> str:
+    return "None" if p.get("group_size") == -1 else str(p.get("group_size"))
+
+
+def _branch_cell(row: CardRow) -> str:
+    cell = f"[{row.variant.branch}]({row.link})"
+    return f"**{cell}** (this branch)" if row.current else cell
+
+
+# Columns every format's table uses; a spec puts them where its users expect them.
+BRANCH = Column("Branch", _branch_cell)
+DATASET = Column("Dataset", lambda r: r.dataset)
+SEQ_LEN = Column("Seq Len", lambda r: str(r.seq_len or "n/a"))
+SIZE = Column("Size", lambda r: human_size(files_size(r.record.files, r.record.size_bytes)))
+QUALITY = (Column("ΔPPL %", lambda r: quality_cell(r.quality, "delta_ppl_pct")),
+           Column("KLD", lambda r: quality_cell(r.quality, "kld")))
+DESCRIPTION = Column("Description", lambda r: r.description)
+
+
+# ---------------------------------------------------------------- the spec
+
+
+@dataclass(frozen=True)
+class FormatSpec:
+    """Everything that differs between formats, outside the engine's build and load code."""
+
+    name: str  # `format = "..."` in a recipe; also the name of its defaults table ([name])
+    repo_suffix: str  # the repo is {model}-{repo_suffix}, as TheBloke named them
+    params: type[ParamsModel]  # the settings of one variant, validated at the recipe's door
+    variant_name: Callable[[Any], str]  # params -> the variant's name (also its folder)
+    branch_name: Callable[[Any], str]  # params -> its Hub branch when it is not the repo's main
+    name_keys: frozenset[str]  # settings the variant name already shows (tables skip them)
+    columns: tuple[Column, ...]  # the card's provided-files table
+    describe: Callable[[Mapping[str, Any]], str]  # params -> a few words for the table
+    use: str  # what the repo is for, in the card's "Repositories available"
+    tags: tuple[str, ...]  # card metadata
+    library_name: str | None  # card metadata; None: the Hub detects it from the files
+    runtimes: tuple[Runtime, ...]  # the card's compatibility table
+    example: Mapping[str, Any]  # the settings of one typical variant (docs, tests, `quantkit init`)
+    # Extra names for the format's template partial, from the card's own row (e.g. a file name).
+    card_context: Callable[[CardRow], dict[str, Any]] | None = None
+
+    @property
+    def defaults_table(self) -> str:
+        return self.name
+
+    @property
+    def partial(self) -> str:
+        """The template with the card's format-specific sections (jinja macros)."""
+        return f"formats/{self.name}.md.j2"
+
+    def extra_context(self, row: CardRow) -> dict[str, Any]:
+        return self.card_context(row) if self.card_context else {}
