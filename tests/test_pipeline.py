@@ -57,7 +57,7 @@ def test_build_writes_manifest_and_skips_on_rerun(tiny_llama: Path, tmp_path: Pa
             assert (out / name / f.path).stat().st_size == f.size
         assert (out / name / "quantize_config.json").is_file()
     q4, q8 = (m.variants[n].quality for n in ("gptq-4bit-32g-actorder_True", "gptq-8bit-32g-actorder_True"))
-    assert q8["kld"] < q4["kld"]
+    assert q8.kld < q4.kld
     assert m.variants["gptq-8bit-32g-actorder_True"].bits_per_weight > m.variants["gptq-4bit-32g-actorder_True"].bits_per_weight
     before = {f: (out / n / f.path).stat().st_mtime_ns for n, r in m.variants.items() for f in r.files}
     again = _build(recipe, out)
@@ -181,7 +181,7 @@ def test_build_then_publish_then_republish_nothing(tiny_llama: Path, tmp_path: P
     assert first.exit_code == 0, first.output
     assert len(hub.requests("POST", "/commit/")) == 2
     m = load_manifest(out)
-    assert all(r.state == "published" and r.published["commit"] for r in m.variants.values())
+    assert all(r.state == "published" and r.published.commit for r in m.variants.values())
     n = len(hub.requests())
     again = runner.invoke(app, ["publish", str(recipe), "--out", str(out)])
     assert again.exit_code == 0, again.output
@@ -230,7 +230,7 @@ def test_gguf_ladder_through_build(tiny_llama: Path, tmp_path: Path) -> None:
     res = _build(recipe, out)
     assert res.exit_code == 0, res.output
     m = load_manifest(out)
-    kld = {n: r.quality["kld"] for n, r in m.variants.items()}
+    kld = {n: r.quality.kld for n, r in m.variants.items()}
     assert kld["gguf-Q8_0"] < kld["gguf-Q4_K_M"] < kld["gguf-Q2_K"]
     for name, rec in m.variants.items():
         quant = name.split("-", 1)[1]

@@ -21,6 +21,7 @@ from hub_server import HubServer, summarize  # noqa: E402
 
 from quantkit import card, publish  # noqa: E402
 from quantkit.manifest import VariantRecord  # noqa: E402
+from quantkit.records import PublishedRecord  # noqa: E402
 
 pytest_plugins = ("_hub_fixtures",)  # the `hub` and `no_backoff` fixtures
 
@@ -76,7 +77,7 @@ def test_fresh_publish_of_three_gptq_branches_and_two_gguf_types(hub: HubServer,
         assert files == _expected_files(b, br.variant)  # the folder as it is, README included
         rec = report.manifest.variants[br.variant]
         assert rec.state == "published"
-        assert rec.published == {"repo": br.repo, "branch": br.branch, "commit": head.id}
+        assert rec.published == PublishedRecord(br.repo, br.branch, head.id)
     # a non-main branch does not start as a copy of main
     assert "model.safetensors" in hub.files(GPTQ, "main")
     assert hub.head(GPTQ, "gptq-4bit-32g-actorder_True").parent != hub.head(GPTQ, "main").id
@@ -100,7 +101,7 @@ def test_rerun_with_nothing_changed_makes_no_commit(hub: HubServer, tmp_path: Pa
     assert not hub.requests("PUT") and not hub.requests("POST")  # reads only
     assert again.hashed_files == 0  # every sha256 came from the cache
     assert _heads(hub) == heads
-    assert all(again.manifest.variants[x.variant].published["commit"] == x.head for x in again.branches)
+    assert all(again.manifest.variants[x.variant].published.commit == x.head for x in again.branches)
 
 
 def test_one_variant_rebuilt_gives_one_commit_on_its_branch_only(hub: HubServer, tmp_path: Path) -> None:

@@ -105,8 +105,7 @@ class EXL2Engine:
         if not reuse and (work / "measurement.json").is_file():
             shutil.copyfile(work / "measurement.json", shared)
         ctx.progress("exllamav2 convert", 1, 1)
-        return EngineResult(f"exllamav2 {importlib.metadata.version('exllamav2')}", "cuda",
-                            notes={"bpw": p.bpw, "head_bits": p.head_bits})
+        return EngineResult(_quantizer(), "cuda", notes={"bpw": p.bpw, "head_bits": p.head_bits})
 
     def estimate(self, variant: Variant, shape: ModelShape, work: Workload, machine: Machine) -> Estimate:
         """exllamav2's converter: a measurement pass and a quantization pass over the calibration
@@ -144,6 +143,14 @@ def _measurement_file(ctx: BuildContext) -> Path:
     calibration set, not on the target bpw, so every bpw of a build shares the first one's."""
     key = hashlib.sha256(f"{ctx.source.fingerprint}:{ctx.calib.sha256}".encode()).hexdigest()[:12]
     return ctx.work_dir / f"exl2-measurement-{key}.json"
+
+
+def _quantizer() -> str:
+    """The converter's name and version as installed (its converter ran as a subprocess)."""
+    try:
+        return f"exllamav2 {importlib.metadata.version('exllamav2')}"
+    except importlib.metadata.PackageNotFoundError:
+        return "exllamav2"
 
 
 def _cuda() -> bool:
