@@ -24,6 +24,7 @@ from .manifest import Manifest, VariantRecord
 from .plan import Plan, Variant, repo_for
 from .recipe import SPECS, Recipe, read_model_config, resolve_local_source
 from .records import QualityRecord
+from .sizing import ModelShape, RunMemory, run_memory
 
 __all__ = ["CardContext", "OriginalCard", "card_context", "files_size", "human_size", "load_original_card",
            "render_card", "render_cards", "write_cards"]
@@ -122,9 +123,24 @@ def _remarks(rows: list[CardRow]) -> list[CardRow]:
     return out
 
 
+def _shape(recipe: Recipe) -> ModelShape | None:
+    """The source's shape from its config.json, for the memory column; None when unreadable."""
+    try:
+        return ModelShape.from_config(read_model_config(recipe) or {})
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def _run(v: Variant, rec: VariantRecord, shape: ModelShape | None) -> RunMemory | None:
+    if shape is None:
+        return None
+    return run_memory(files_size(rec), shape, v.spec.run_overhead(shape))
+
+
 def _rows(plan: Plan, manifest: Manifest, fmt: str, repo: str, current: str, arch: str | None) -> list[CardRow]:
     recipe = plan.recipe
     cal = manifest.calibration
+    shape = _shape(recipe)
     rows = []
     for v in card_variants(plan, manifest):
         if v.format != fmt:
@@ -133,16 +149,23 @@ def _rows(plan: Plan, manifest: Manifest, fmt: str, repo: str, current: str, arc
         params = {**v.params_dict(), **rec.params}
         seq = params.get("seq_len") or cal.seq_len or recipe.calibration.seq_len
         rows.append(CardRow(v, rec, params, f"{HUB}/{repo}/tree/{v.branch}", v.name == current, arch,
-                            v.spec.describe(params), dataset=_dataset_cell(recipe, cal.source), seq_len=seq))
+                            v.spec.describe(params), dataset=_dataset_cell(recipe, cal.source), seq_len=seq,
+                            run=_run(v, rec, shape)))
     return _remarks(rows)
+
+
+def base_model(recipe: Recipe) -> str | None:
+    """The Hub id the card links to as the original: `[model] base_model`, else a Hub source."""
+    return recipe.model.base_model or (recipe.model.source if _hub_model(recipe) else None)
 
 
 def _front_matter(recipe: Recipe, fmt: str, owner: str | None) -> dict[str, Any]:
     m, cal, ev = recipe.model, recipe.calibration, recipe.evaluation
     spec = SPECS[fmt]
     meta: dict[str, Any] = {}
-    if _hub_model(recipe):
-        meta["base_model"] = m.source
+    base = base_model(recipe)
+    if base:
+        meta["base_model"] = base
         meta["base_model_relation"] = "quantized"
     if spec.library_name:
         meta["library_name"] = spec.library_name
@@ -234,6 +257,8 @@ class CardContext:
     quantkit_version: str
     example_prompt: str
     original: OriginalCard | None
+    run_device: str  # "RAM" or "VRAM": what the memory column counts
+    human_size: Any  # the formatter, for the template's memory line
     extra: dict[str, Any]  # names the format's partial uses (FormatSpec.card_context)
 
     def names(self) -> dict[str, Any]:
@@ -276,7 +301,8 @@ def card_context(plan: Plan, manifest: Manifest, variant: str, *, owner: str | N
         notes=_notes(rows), quantkit_version=manifest.source.quantkit_version or __version__,
         example_prompt=(m.prompt_template or "{prompt}").replace(
             "{prompt}", "Was ist die Hauptstadt von Deutschland?"),
-        original=original, extra=spec.extra_context(current),
+        original=original, run_device=spec.run_device, human_size=human_size,
+        extra=spec.extra_context(current),
     )
 
 

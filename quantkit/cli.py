@@ -24,7 +24,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn
 from rich.table import Table
 
 from . import __version__, atomic
-from .errors import (BuildFailed, BusyError, CalibrationError, EngineError, EngineUnavailable, EvalError,
+from .errors import (BuildFailed, BusyError, GateRefused, CalibrationError, EngineError, EngineUnavailable, EvalError,
                      ManifestError, Problem, PublishError, QuantkitError, RecipeError, ResourceError, SourceError)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -43,6 +43,7 @@ EXIT_CODES: list[tuple[type[QuantkitError], int]] = [
     (PublishError, 4),  # the Hub refused or could not be reached
     (BusyError, 5),  # another run holds the output folder: try again later
     (BuildFailed, 1),  # some variants failed; the others are kept
+    (GateRefused, 1),  # variants over the quality gate were not published; the others were
     (EngineError, 1),
     (EvalError, 1),
     (ManifestError, 1),
@@ -61,6 +62,8 @@ def _fail(e: QuantkitError) -> typer.Exit:
     lines = [f"{e.file}: {p}" for p in e.problems] if isinstance(e, RecipeError) else [str(e)]
     if isinstance(e, BuildFailed):
         lines = [f"{name} failed: {why}" for name, why in e.failures.items()]
+    if isinstance(e, GateRefused):
+        lines = [f"{name} not published: {why} (--force publishes it)" for name, why in e.refused.items()]
     for line in lines:
         err.print(f"[red]error:[/red] {escape(line)}", highlight=False, soft_wrap=True)
     return typer.Exit(code)
@@ -114,15 +117,47 @@ def plan(recipe: RecipeArg,
                          indent=2))
         return
     out.print(f"{p.recipe.model.model_name}: {len(p.variants)} variants → {p.out_dir}")
+    done = _manifest_if_built(p)
     for repo in dict.fromkeys(v.repo for v in p.variants):
         t = Table(title=repo)
-        for col in ("variant", "branch", "other settings", "peak RAM", "GPU mem", "disk", "time"):
-            t.add_column(col, no_wrap=col != "other settings", overflow="fold",
-                         justify="right" if col in ("peak RAM", "GPU mem", "disk", "time") else "left")
+        for col in ("variant", "branch", "other settings", "peak RAM", "GPU mem", "disk", "time", "to run",
+                    "quality gate"):
+            t.add_column(col, no_wrap=col not in ("other settings", "quality gate"), overflow="fold",
+                         justify="right" if col in ("peak RAM", "GPU mem", "disk", "time", "to run") else "left")
         for v in (v for v in p.variants if v.repo == repo):
-            t.add_row(v.name, v.branch, _other_settings(v), *_resource_cells(rp.variants[v.name] if rp else None))
+            t.add_row(v.name, v.branch, _other_settings(v), *_resource_cells(rp.variants[v.name] if rp else None),
+                      _run_cell(rp, v.name), _gate_cell(p, v, done))
         out.print(t)
     _print_build_estimate(rp, why)
+
+
+def _manifest_if_built(p: Any) -> Any:
+    """The build's manifest when there is one (the plan then marks measured gate failures)."""
+    from .manifest import load_manifest
+
+    try:
+        return load_manifest(p.out_dir)
+    except QuantkitError:
+        return None
+
+
+def _run_cell(rp: Any, name: str) -> str:
+    if rp is None or name not in rp.run:
+        return "?"
+    device, mem = rp.run[name]
+    return f"{_size(mem.total)} {device}"
+
+
+def _gate_cell(p: Any, v: Any, manifest: Any) -> str:
+    """The variant's quality limits; after a build, whether its measured quality passes them."""
+    gate = p.recipe.publish.gate(v.format)
+    if not gate.limits:
+        return "-"
+    rec = manifest.variants.get(v.name) if manifest is not None else None
+    if rec is None or rec.quality is None:
+        return gate.limits
+    why = gate.failures(rec.quality)
+    return f"[red]gated[/red]: {escape('; '.join(why))}" if why else f"passes ({gate.limits})"
 
 
 def _resources(p: Any, machine: str) -> tuple[Any, str]:
@@ -212,7 +247,8 @@ def _progress() -> Iterator[_Progress]:
         yield _Progress(p)
 
 
-def _summary(manifest, names: list[str] | None = None) -> Table:
+def _summary(manifest, plan: Any, names: list[str] | None = None) -> Table:
+    """One row per variant; a variant over the recipe's quality gate is marked (publish refuses it)."""
     t = Table(title="variants")
     for col in ("variant", "branch", "state", "size", "bpw", "ΔPPL %", "KLD", "top-1", "seconds"):
         t.add_column(col, justify="right" if col not in ("variant", "branch", "state") else "left",
@@ -221,8 +257,9 @@ def _summary(manifest, names: list[str] | None = None) -> Table:
         if names is not None and name not in names:
             continue
         q = r.quality
-        t.add_row(name, r.branch, r.state if r.state != "failed" else "[red]failed[/red]",
-                  _size(r.size_bytes), f"{r.bits_per_weight:.2f}",
+        gated = q is not None and plan.recipe.publish.gate(r.format).failures(q)
+        state = "[red]failed[/red]" if r.state == "failed" else r.state + (" [red](gated)[/red]" if gated else "")
+        t.add_row(name, r.branch, state, _size(r.size_bytes), f"{r.bits_per_weight:.2f}",
                   f"{q.delta_ppl_pct:+.2f}" if q else "-", f"{q.kld:.4f}" if q else "-",
                   f"{q.top1:.3f}" if q else "-", f"{r.seconds:.0f}")
     return t
@@ -286,7 +323,7 @@ NoPreflightOpt = Annotated[bool, typer.Option("--no-preflight", help="Build even
 def build(recipe: RecipeArg, out_dir: OutOpt = None, only: OnlyOpt = None, no_preflight: NoPreflightOpt = False) -> None:
     """Calibrate, quantize, evaluate, size and write cards for every variant."""
     p, res = _run(lambda: _build_one(recipe, out_dir, only, not no_preflight))
-    out.print(_summary(res.manifest, [v.name for v in p.select(only)]))
+    out.print(_summary(res.manifest, p, [v.name for v in p.select(only)]))
     out.print(f"manifest: {p.out_dir / 'manifest.json'}")
     if res.failed:
         raise _fail(BuildFailed(res.failed))
@@ -306,7 +343,7 @@ def eval_(recipe: RecipeArg, out_dir: OutOpt = None, only: OnlyOpt = None) -> No
             return p, pipeline.reevaluate(p, only=only, report=rep)
 
     p, res = _run(run)
-    out.print(_summary(res.manifest, [v.name for v in p.select(only)]))
+    out.print(_summary(res.manifest, p, [v.name for v in p.select(only)]))
     if res.failed:
         raise _fail(BuildFailed(res.failed))
 
@@ -338,14 +375,17 @@ def card(recipe: RecipeArg, out_dir: OutOpt = None) -> None:
 
 @app.command()
 def publish(recipe: RecipeArg, out_dir: OutOpt = None, only: OnlyOpt = None,
-            dry_run: Annotated[bool, typer.Option("--dry-run", help="Show what would be uploaded.")] = False) -> None:
+            dry_run: Annotated[bool, typer.Option("--dry-run", help="Show what would be uploaded.")] = False,
+            force: Annotated[bool, typer.Option("--force", help="Publish variants over the recipe's "
+                                                "quality gate too.")] = False) -> None:
     """Push built variants to the Hub, one branch each; uploads only what changed."""
-    report = _run(lambda: _publish_one(recipe, out_dir, only, dry_run))
+    report = _run(lambda: _publish_one(recipe, out_dir, only, dry_run, force))
     _print_publish(report, dry_run)
     _run(report.raise_for_errors)
 
 
-def _publish_one(recipe: Path, out_dir: Path | None, only: list[str] | None, dry_run: bool):
+def _publish_one(recipe: Path, out_dir: Path | None, only: list[str] | None, dry_run: bool,
+                 force: bool = False):
     from . import publish as pub
     from .errors import ManifestError
     from .manifest import load_manifest, save_manifest
@@ -357,7 +397,7 @@ def _publish_one(recipe: Path, out_dir: Path | None, only: list[str] | None, dry
         m = load_manifest(p.out_dir)
         if m is None:
             raise ManifestError(str(p.out_dir / "manifest.json"), "not built yet: run `quantkit build` first")
-        report = pub.publish(p, m, p.out_dir, dry_run=dry_run, only=only)
+        report = pub.publish(p, m, p.out_dir, dry_run=dry_run, only=only, force=force)
         if not dry_run:
             save_manifest(p.out_dir, report.manifest)
     return report
@@ -378,6 +418,8 @@ def _print_publish(report: Any, dry_run: bool) -> None:
         err.print(f"[yellow]not published:[/yellow] {variant}: {why}", highlight=False)
     for note in report.notes:
         err.print(f"note: {note}", highlight=False, markup=False)
+    if report.collection:
+        out.print(f"collection: {report.collection}", highlight=False)
 
 
 @app.command()

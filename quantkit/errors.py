@@ -96,6 +96,15 @@ class BuildFailed(QuantkitError):
         super().__init__(", ".join(f"{k}: {v}" for k, v in failures.items()))
 
 
+class GateRefused(QuantkitError):
+    """Variants over the recipe's quality gate were not published; the others were.
+    Carries name → the measured value against its limit."""
+
+    def __init__(self, refused: dict[str, str]):
+        self.refused = refused
+        super().__init__("; ".join(f"{k}: {v}" for k, v in refused.items()))
+
+
 class ResourceError(QuantkitError):
     """The machine cannot meet the build's resource plan (RAM, disk, GPU memory)."""
 

@@ -18,6 +18,7 @@ from .records import FileEntry, QualityRecord
 if TYPE_CHECKING:
     from .manifest import VariantRecord
     from .plan import Variant
+    from .sizing import ModelShape, RunMemory
 
 README = "README.md"
 GROUP_SIZES = (-1, 32, 64, 128, 256, 1024)  # -1: one group per row (GPTQ's "no grouping")
@@ -53,6 +54,7 @@ class CardRow:
     remarks: tuple[str, ...] = ()  # measured superlatives: "smallest download", "lowest KLD"
     dataset: str = ""  # the calibration data, as a Markdown cell
     seq_len: int | None = None
+    run: RunMemory | None = None  # memory to run it at 4k context; None: the model's shape is unknown
 
     @property
     def quality(self) -> QualityRecord | None:
@@ -129,6 +131,13 @@ SIZE = Column("Size", lambda r: human_size(files_size(r.record.files, r.record.s
 QUALITY = (Column("ΔPPL %", lambda r: quality_cell(r.quality, "delta_ppl_pct")),
            Column("KLD", lambda r: quality_cell(r.quality, "kld")))
 DESCRIPTION = Column("Description", lambda r: r.description)
+TOP1 = Column("Top-1", lambda r: "n/a" if r.quality is None or r.quality.top1 is None
+              else f"{100 * r.quality.top1:.1f} %")
+
+
+def memory_column(device: str) -> Column:
+    """TheBloke's "Max RAM required": the files, the KV cache at 4k context and the runtime's buffers."""
+    return Column(f"Max {device} required", lambda r: human_size(r.run.total) if r.run else "n/a")
 
 
 # ---------------------------------------------------------------- the spec
@@ -151,6 +160,11 @@ class FormatSpec:
     library_name: str | None  # card metadata; None: the Hub detects it from the files
     runtimes: tuple[Runtime, ...]  # the card's compatibility table
     example: Mapping[str, Any]  # the settings of one typical variant (docs, tests, `quantkit init`)
+    # Memory to run a variant (the cards' column, `quantkit plan`): where it lives, and the
+    # runtime's own buffers besides the weights and the KV cache (quantkit.sizing.run_memory).
+    run_device: str = "VRAM"
+    run_overhead: Callable[[ModelShape], int] = lambda shape: 0
+    ladder_on_main: bool = False  # main holds every variant's files (tools list main's files)
     # Extra names for the format's template partial, from the card's own row (e.g. a file name).
     card_context: Callable[[CardRow], dict[str, Any]] | None = None
 

@@ -21,14 +21,14 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from . import atomic, card
 from .records import ProgressFn, PublishedRecord, sha256_file
-from .errors import PublishError
+from .errors import GateRefused, PublishError
 from .manifest import Manifest, VariantRecord
 from .plan import Plan, Variant, repo_for
 
@@ -103,10 +103,14 @@ class PublishReport:
     hashed_bytes: int
     seconds: float
     notes: tuple[str, ...] = ()
+    gated: tuple[tuple[str, str], ...] = ()  # (variant, why): over the recipe's quality gate
+    collection: str | None = None  # the recipe's Hub collection (slug)
+    collection_error: str | None = None
 
     @property
     def ok(self) -> bool:
-        return all(r.error is None for r in self.repos) and all(b.status != "failed" for b in self.branches)
+        return (all(r.error is None for r in self.repos) and all(b.status != "failed" for b in self.branches)
+                and not self.gated and self.collection_error is None)
 
     @property
     def commits(self) -> int:
@@ -136,6 +140,9 @@ class PublishReport:
             else:
                 out.append(f"{at}: no commit (nothing changed)")
         out += [f"{name}: not published ({why})" for name, why in self.not_ready]
+        out += [f"{name}: refused by the quality gate: {why}" for name, why in self.gated]
+        if self.collection:
+            out.append(f"collection {self.collection}")
         return out
 
     def raise_for_errors(self) -> None:
@@ -146,6 +153,10 @@ class PublishReport:
         for b in self.branches:
             if b.status == "failed":
                 raise PublishError(b.repo, b.error or "failed", b.branch)
+        if self.collection_error:
+            raise PublishError("collection", self.collection_error)
+        if self.gated:
+            raise GateRefused(dict(self.gated))
 
 
 # ---------------------------------------------------------------- hashing
@@ -337,8 +348,8 @@ class _Ctx:
     notes: list[str] = field(default_factory=list)
 
 
-def _local_files(ctx: _Ctx, v: Variant, rec: VariantRecord) -> tuple[list[LocalFile], list[str]]:
-    """The manifest's files plus the README rendered now; and the folder's unlisted files."""
+def _variant_files(ctx: _Ctx, v: Variant, rec: VariantRecord) -> list[LocalFile]:
+    """The files the manifest lists for a variant (its README aside), as they lie in its folder."""
     folder = ctx.plan.variant_dir(v)
     out: list[LocalFile] = []
     for f in rec.files:
@@ -348,6 +359,36 @@ def _local_files(ctx: _Ctx, v: Variant, rec: VariantRecord) -> tuple[list[LocalF
         if not p.is_file():
             raise PublishError("", f"{p} is missing: the manifest lists it; rebuild {v.name}")
         out.append(LocalFile(f.path, p.stat().st_size, p, lambda p=p: ctx.cache.sha256(p), f.sha256 or None))
+    return out
+
+
+def _ladder(ctx: _Ctx, manifest: Manifest, v: Variant, siblings: list[Variant]) -> list[LocalFile]:
+    """For a format whose tools read main (FormatSpec.ladder_on_main): the files of the repo's
+    other variants, which main holds too. The same name must mean the same bytes."""
+    if v.branch != "main" or not v.spec.ladder_on_main:
+        return []
+    own = {f.path: f for f in _variant_files(ctx, v, manifest.variants[v.name])}
+    out: list[LocalFile] = []
+    for s in siblings:
+        if s.name == v.name:
+            continue
+        for f in _variant_files(ctx, s, manifest.variants[s.name]):
+            same = own.get(f.path)
+            if same is not None and (same.expected or same.sha256()) != (f.expected or f.sha256()):
+                raise PublishError("", f"{s.name} and another variant both write {f.path} with different "
+                                   "contents; main cannot hold both")
+            if same is None:
+                own[f.path] = f
+                out.append(f)
+    return out
+
+
+def _local_files(ctx: _Ctx, v: Variant, rec: VariantRecord,
+                 extra: Sequence[LocalFile] = ()) -> tuple[list[LocalFile], list[str]]:
+    """The manifest's files (and `extra`: other variants' files main holds) plus the README
+    rendered now; and the folder's unlisted files."""
+    folder = ctx.plan.variant_dir(v)
+    out = _variant_files(ctx, v, rec) + list(extra)
     text = ctx.readmes[v.name].encode("utf-8")
     out.append(LocalFile(card.README, len(text), text, lambda: hashlib.sha256(text).hexdigest()))
     listed = {f.path for f in out}
@@ -434,9 +475,10 @@ def _landed(remote: _Remote, branch: str, local: list[LocalFile]) -> str | None:
     return head if ok else None
 
 
-def _branch(ctx: _Ctx, remote: _Remote | None, v: Variant, repo: str, rec: VariantRecord) -> BranchReport:
+def _branch(ctx: _Ctx, remote: _Remote | None, v: Variant, repo: str, rec: VariantRecord,
+            extra: Sequence[LocalFile] = ()) -> BranchReport:
     base = BranchReport(v.name, repo, v.branch, "planned")
-    local, ignored = _local_files(ctx, v, rec)
+    local, ignored = _local_files(ctx, v, rec, extra)
     _check(local)
     head = remote.refs.get(v.branch) if remote else None
     created = head is None
@@ -484,6 +526,18 @@ def _owner(plan: Plan, api: HfApi, token: str | None, variants: list[Variant]) -
                                                     token)) from None
 
 
+def _gate(plan: Plan, manifest: Manifest, ready: list[Variant], force: bool
+          ) -> tuple[list[Variant], list[tuple[str, str]]]:
+    """Split off the variants whose measured quality is over the recipe's limits (`force`: none)."""
+    if force:
+        return ready, []
+    passed, gated = [], []
+    for v in ready:
+        why = plan.recipe.publish.gate(v.format).failures(manifest.variants[v.name].quality)
+        (gated.append((v.name, "; ".join(why))) if why else passed.append(v))
+    return passed, gated
+
+
 def _ready(plan: Plan, manifest: Manifest, only: list[str] | None) -> tuple[list[Variant], list[tuple[str, str]]]:
     ready, left = [], []
     for v in plan.select(only):
@@ -522,12 +576,14 @@ def _mark(manifest: Manifest, b: BranchReport) -> Manifest:
 
 def publish(plan: Plan, manifest: Manifest, out_dir: Path, *, dry_run: bool = False,
             only: list[str] | None = None, api: HfApi | None = None,
-            progress: ProgressFn | None = None) -> PublishReport:
-    """Push every evaluated variant (or those in `only`) to its repo and branch.
+            progress: ProgressFn | None = None, force: bool = False) -> PublishReport:
+    """Push every evaluated variant (or those in `only`) to its repo and branch, and the repos
+    to the recipe's collection.
 
     Returns what was done (or, with dry_run, what would be) and the manifest with each
-    published variant's commit; the caller saves it. A failing repo or branch does not stop
-    the others: see `PublishReport.ok` / `raise_for_errors()`.
+    published variant's commit; the caller saves it. A failing repo or branch, or a variant
+    over the recipe's quality gate (`force` overrides it), does not stop the others: see
+    `PublishReport.ok` / `raise_for_errors()`.
     """
     from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
 
@@ -535,15 +591,23 @@ def publish(plan: Plan, manifest: Manifest, out_dir: Path, *, dry_run: bool = Fa
     api = _api(api)
     token = _token(api)
     ready, left = _ready(plan, manifest, only)
+    ready, gated = _gate(plan, manifest, ready, force)
     if ready and not dry_run and not token:
         raise PublishError(ready[0].repo, "no Hub token: set HF_TOKEN or run `hf auth login`")
     owner = _owner(plan, api, token, ready) if ready else plan.recipe.publish.owner
     ctx = _Ctx(api, plan, Path(out_dir), HashCache(Path(out_dir) / HASH_CACHE), {}, dry_run, token)
     bars_were_off = are_progress_bars_disabled()
     disable_progress_bars()  # the library never prints; the CLI draws progress
+    if ready and not card.base_model(plan.recipe):
+        ctx.notes.append("the cards have no base_model, so the Hub cannot link these repos to the original: "
+                         "set [model] base_model = \"owner/name\" in the recipe")
+    collection: tuple[str | None, str | None] = (None, None)
     try:
         ctx.readmes = _readmes(ctx, manifest, owner, ready)
         repos, branches = _publish_all(ctx, manifest, ready, owner, progress)
+        if plan.recipe.publish.collection and not dry_run:
+            collection = _collect(ctx, owner, [r.repo for r in repos if r.error is None and any(
+                b.repo == r.repo and b.status in ("committed", "unchanged") for b in branches)])
     finally:
         if not bars_were_off:
             enable_progress_bars()
@@ -552,7 +616,30 @@ def publish(plan: Plan, manifest: Manifest, out_dir: Path, *, dry_run: bool = Fa
         manifest = _mark(manifest, b)
     return PublishReport(api.endpoint, owner, dry_run, tuple(repos), tuple(branches), tuple(left), manifest,
                          ctx.cache.hashed_files, ctx.cache.hashed_bytes, time.perf_counter() - t0,
-                         tuple(ctx.notes))
+                         tuple(ctx.notes), tuple(gated), *collection)
+
+
+def collection_title(plan: Plan) -> str:
+    """One collection per recipe, named after the model (the Hub keeps titles short)."""
+    m = plan.recipe.model
+    return f"{m.display_name or m.model_name} quantized"[:60]
+
+
+def _collect(ctx: _Ctx, owner: str | None, repos: list[str]) -> tuple[str | None, str | None]:
+    """Create (or find) the recipe's collection and add every repo published; both calls are
+    idempotent (`exists_ok`), so a re-run changes nothing. Returns (slug, error)."""
+    if not repos:
+        return None, None
+    try:
+        col = _retrying(lambda: ctx.api.create_collection(collection_title(ctx.plan), namespace=owner,
+                                                          private=ctx.plan.recipe.publish.private, exists_ok=True))
+        have = {i.item_id for i in col.items}
+        for repo in repos:
+            if repo not in have:
+                _retrying(lambda repo=repo: ctx.api.add_collection_item(col.slug, repo, "model", exists_ok=True))
+        return col.slug, None
+    except Exception as e:  # noqa: BLE001 - the branches are published; the report says what failed
+        return None, _why(e, ctx.token)
 
 
 def _publish_all(ctx: _Ctx, manifest: Manifest, ready: list[Variant], owner: str | None,
@@ -572,7 +659,8 @@ def _publish_all(ctx: _Ctx, manifest: Manifest, ready: list[Variant], owner: str
                 branches.append(BranchReport(v.name, repo, v.branch, "failed", error=rr.error))
                 continue
             try:
-                branches.append(_branch(ctx, remote, v, repo, manifest.variants[v.name]))
+                extra = _ladder(ctx, manifest, v, variants)
+                branches.append(_branch(ctx, remote, v, repo, manifest.variants[v.name], extra))
             except Exception as e:  # noqa: BLE001 - reported per branch; the others go on
                 branches.append(BranchReport(v.name, repo, v.branch, "failed", error=_why(e, ctx.token)))
     if progress:

@@ -14,11 +14,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, SerializeAsAny, ValidationError, create_model, field_validator
+from pydantic import Field, SerializeAsAny, ValidationError, create_model, field_validator, model_validator
 
 from .engines import ENGINES
 from .errors import Problem, RecipeError
 from .formats import GROUP_SIZES, FormatSpec, ParamsModel, one_of
+from .records import QualityRecord
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -46,6 +47,15 @@ class ModelSpec(_Frozen):
     creator: str | None = None
     license: str | None = None
     prompt_template: str | None = None
+    # The Hub id of the original, for a local source: the card's `base_model` links to it.
+    base_model: str | None = None
+
+    @field_validator("base_model")
+    @classmethod
+    def _hub_id(cls, v: str | None) -> str | None:
+        if v is not None and not _HUB_ID.match(v):
+            raise ValueError(f"{v!r} is not a Hub model id like 'owner/name'")
+        return v
 
     @field_validator("source")
     @classmethod
@@ -86,11 +96,58 @@ class BuildSpec(_Frozen):
     keep_intermediate: bool = False  # keep the 16-bit GGUF and other temporaries after the build
 
 
-class PublishSpec(_Frozen):
+class GateSpec(_Frozen):
+    """Quality limits a variant must meet to be published (measured against the original)."""
+
+    max_kld: float | None = Field(None, gt=0)
+    max_delta_ppl_pct: float | None = Field(None, gt=0)
+
+    def failures(self, q: QualityRecord | None) -> list[str]:
+        """Why a variant measuring `q` may not be published; empty when it passes.
+        A variant never evaluated always fails: nothing vouches for it."""
+        if q is None:
+            return ["never evaluated"]
+        out = []
+        if self.max_kld is not None and q.kld > self.max_kld:
+            out.append(f"KLD {q.kld:.4f} over the limit {self.max_kld:g} (max_kld)")
+        if self.max_delta_ppl_pct is not None and q.delta_ppl_pct > self.max_delta_ppl_pct:
+            out.append(f"ΔPPL {q.delta_ppl_pct:+.2f} % over the limit {self.max_delta_ppl_pct:g} % "
+                       "(max_delta_ppl_pct)")
+        return out
+
+    @property
+    def limits(self) -> str:
+        """The limits in words ("KLD ≤ 0.1, ΔPPL ≤ 20 %"), or "" without any."""
+        parts = ([f"KLD ≤ {self.max_kld:g}"] if self.max_kld is not None else []) + \
+            ([f"ΔPPL ≤ {self.max_delta_ppl_pct:g} %"] if self.max_delta_ppl_pct is not None else [])
+        return ", ".join(parts)
+
+
+class PublishSpec(GateSpec):
     repo: str = "{owner}/{name}-{FORMAT}"
     owner: str | None = None  # None: asked from the Hub at publish time
     private: bool = False
     quantized_by: str | None = None
+    collection: bool = True  # one Hub collection per recipe holding every repo it published
+    # [publish.<format>] tables: that format's own limits, over the global ones above.
+    formats: dict[str, GateSpec] = {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _format_tables(cls, d: Any) -> Any:
+        """Move `[publish.gguf]`-style tables (a format's name) under `formats`."""
+        if not isinstance(d, dict):
+            return d
+        per = {k: v for k, v in d.items() if k in SPECS}
+        rest = {k: v for k, v in d.items() if k not in SPECS}
+        return {**rest, "formats": {**rest.get("formats", {}), **per}} if per else d
+
+    def gate(self, fmt: str) -> GateSpec:
+        """The limits for one format's variants: its own table's, else the global ones."""
+        own = self.formats.get(fmt, GateSpec())
+        return GateSpec(max_kld=own.max_kld if own.max_kld is not None else self.max_kld,
+                        max_delta_ppl_pct=own.max_delta_ppl_pct if own.max_delta_ppl_pct is not None
+                        else self.max_delta_ppl_pct)
 
 
 # ---------------------------------------------------------------- per-format parameters

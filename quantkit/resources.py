@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ResourceError
-from .sizing import (GB, MACHINES, PROCESS_BASE, Estimate, Machine, ModelShape, Workload,
-                     reference_cache_bytes, reference_estimate, this_machine)
+from .sizing import (GB, MACHINES, PROCESS_BASE, Estimate, Machine, ModelShape, RunMemory, Workload,
+                     reference_cache_bytes, reference_estimate, run_memory, this_machine)
 
 __all__ = ["GB", "MACHINES", "PROCESS_BASE", "Estimate", "Machine", "ModelShape", "ResourcePlan", "Workload",
            "check_fits", "model_config", "plan_resources", "reference_estimate", "this_machine"]
@@ -31,10 +31,19 @@ class ResourcePlan:
     shape: ModelShape
     variants: dict[str, Estimate] = field(default_factory=dict)
     build: Estimate = Estimate(0)
+    run: dict[str, tuple[str, RunMemory]] = field(default_factory=dict)  # variant -> (RAM|VRAM, memory to run)
 
     def as_dict(self) -> dict[str, Any]:
         return {"machine": self.machine.name, "params": self.shape.params, "bf16_bytes": self.shape.bf16_bytes,
-                "build": self.build.as_dict(), "variants": {k: v.as_dict() for k, v in self.variants.items()}}
+                "build": self.build.as_dict(),
+                "variants": {k: {**v.as_dict(), **self._run_dict(k)} for k, v in self.variants.items()}}
+
+    def _run_dict(self, name: str) -> dict[str, Any]:
+        if name not in self.run:
+            return {}
+        device, r = self.run[name]
+        return {"run_memory": {"device": device, "bytes": r.total, "weights": r.weights, "kv_cache": r.kv_cache,
+                               "overhead": r.overhead, "ctx": r.ctx}}
 
 
 def plan_resources(plan: Any, machine: Machine | None = None, config: dict[str, Any] | None = None,
@@ -54,7 +63,10 @@ def plan_resources(plan: Any, machine: Machine | None = None, config: dict[str, 
                 for v in selected}
     shared = _shared(selected, shape, work, machine)
     ref = replace(ref, disk=reference_cache_bytes(shape, work))
-    return ResourcePlan(machine, shape, variants, _combine(list(variants.values()), [ref, *shared]))
+    # Memory to run each variant, from the estimated size of its files (the card has the measured one).
+    run = {v.name: (v.spec.run_device, run_memory(variants[v.name].output, shape, v.spec.run_overhead(shape)))
+           for v in selected}
+    return ResourcePlan(machine, shape, variants, _combine(list(variants.values()), [ref, *shared]), run)
 
 
 def _with_reference(e: Estimate, ref: Estimate) -> Estimate:

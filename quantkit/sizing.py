@@ -145,10 +145,11 @@ class Estimate:
     disk: int = 0
     seconds: float = 0.0
     stage: str = ""
+    output: int = 0  # bytes of the variant's own files, as published (disk also counts temporaries)
 
     def as_dict(self) -> dict[str, Any]:
         return {"ram": self.ram, "vram": self.vram, "disk": self.disk, "seconds": round(self.seconds, 1),
-                "peak_stage": self.stage}
+                "peak_stage": self.stage, "output": self.output}
 
 
 @dataclass(frozen=True)
@@ -177,3 +178,40 @@ def reference_estimate(shape: ModelShape, work: Workload, machine: Machine) -> E
 def reference_cache_bytes(shape: ModelShape, work: Workload) -> int:
     """The reference log-probabilities on disk (fp16, scored positions only)."""
     return work.eval_tokens // 2 * shape.vocab * 2
+
+
+# ---------------------------------------------------------------- memory to run a variant
+
+RUN_CTX = 4096  # the context the cards' memory column assumes
+
+
+@dataclass(frozen=True)
+class RunMemory:
+    """What a runtime holds to run a variant: its files, the KV cache, and the runtime's own
+    buffers (`overhead`, stated per format in its FormatSpec)."""
+
+    weights: int
+    kv_cache: int
+    overhead: int
+    ctx: int = RUN_CTX
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.kv_cache + self.overhead
+
+
+def run_memory(weight_bytes: int, shape: ModelShape, overhead: int, ctx: int = RUN_CTX) -> RunMemory:
+    """Weights + f16 KV cache of one sequence of ctx tokens (layers x kv heads x head dim x ctx x 2
+    for keys and values x 2 bytes) + the runtime's buffers."""
+    return RunMemory(weight_bytes, shape.kv_bytes(ctx), overhead, ctx)
+
+
+# A GPU runtime's own memory besides weights and KV cache: the CUDA context, cuBLAS workspace
+# and the caching allocator's reserve. Stated from what CUDA runtimes commonly take, not
+# measured here (no GPU): a device run of benchmarks/gpu_check.sh can replace it.
+CUDA_RUNTIME = 500 * 10**6
+
+
+def gpu_runtime_overhead(shape: ModelShape, ctx: int = RUN_CTX) -> int:
+    """CUDA_RUNTIME plus one layer's activations for a prefill of ctx tokens (bf16)."""
+    return CUDA_RUNTIME + ctx * (2 * shape.hidden + shape.intermediate) * 2

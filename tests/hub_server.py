@@ -276,6 +276,7 @@ class HubServer:
         self.token, self.user, self.page_size = token, user, page_size
         self.multipart_chunk = multipart_chunk  # LFS uploads above this size go in parts
         self.repos: dict[tuple[str, str], Repo] = {}
+        self.collections: dict[str, dict[str, Any]] = {}  # slug -> the Hub's collection JSON
         self.faults = Faults()
         self.log: list[RequestRecord] = []
         self.lock = threading.RLock()
@@ -421,6 +422,9 @@ def _route_table() -> list[tuple[str, re.Pattern[str], str]]:
         ("POST", r"^/_lfs/(?P<t>\w+)/(?P<repo>[^/]+/[^/]+)/(?P<oid>[0-9a-f]{64})/complete$", "lfs_complete"),
         ("POST", r"^/_lfs/(?P<t>\w+)/(?P<repo>[^/]+/[^/]+)/verify$", "lfs_verify"),
         ("GET", rf"^/{_PFX}{_ID}/resolve/(?P<rev>[^/]+)/(?P<path>.+)$", "resolve"),
+        ("POST", r"^/api/collections$", "create_collection"),
+        ("GET", r"^/api/collections/(?P<slug>[^/]+/[^/]+)$", "get_collection"),
+        ("POST", r"^/api/collections/(?P<slug>[^/]+/[^/]+)/items$", "add_collection_item"),
         ("HEAD", rf"^/{_PFX}{_ID}/resolve/(?P<rev>[^/]+)/(?P<path>.+)$", "resolve"),
     ]
     return [(m, re.compile(p), h) for m, p, h in rows]
@@ -645,6 +649,47 @@ class _Handler(BaseHTTPRequestHandler):
         self.server_state._create(kind, repo_id, bool(private))
         prefix = "" if kind == "model" else f"{kind}s/"
         return 200, {"url": f"{self._base()}/{prefix}{repo_id}", "name": repo_id, "id": repo_id}, {}
+
+    # -- collections: a title is unique per owner (409 with the slug, as the Hub answers)
+
+    def h_create_collection(self, body: bytes) -> tuple[int, Any, dict[str, str]]:
+        self._need_auth()
+        d, hub = self._json(body), self.server_state
+        owner = d.get("namespace") or hub.user
+        with hub.lock:
+            old = next((c for c in hub.collections.values()
+                        if c["owner"]["name"] == owner and c["title"] == d["title"]), None)
+            if old is not None:
+                raise HubError(409, "Collection already exists", body={"error": "Collection already exists",
+                                                                      "slug": old["slug"]})
+            slug = f"{owner}/{re.sub(r'[^a-z0-9]+', '-', d['title'].lower()).strip('-')}-{hub._new_id(owner, d['title'])[:24]}"
+            hub.collections[slug] = {"slug": slug, "title": d["title"], "owner": {"name": owner, "type": "user"},
+                                     "items": [], "lastUpdated": _now(), "position": 0,
+                                     "private": bool(d.get("private")), "theme": "indigo", "upvotes": 0,
+                                     "description": d.get("description")}
+        return 200, hub.collections[slug], {}
+
+    def h_get_collection(self, body: bytes, slug: str) -> tuple[int, Any, dict[str, str]]:
+        c = self.server_state.collections.get(slug)
+        if c is None:
+            raise HubError(404, "Collection not found")
+        return 200, c, {}
+
+    def h_add_collection_item(self, body: bytes, slug: str) -> tuple[int, Any, dict[str, str]]:
+        self._need_auth()
+        hub, item = self.server_state, self._json(body)["item"]
+        with hub.lock:
+            c = hub.collections.get(slug)
+            if c is None:
+                raise HubError(404, "Collection not found")
+            if (item["type"], item["id"]) not in hub.repos:
+                raise HubError(404, f"{item['type']} {item['id']} not found")
+            if any(i["id"] == item["id"] and i["type"] == item["type"] for i in c["items"]):
+                raise HubError(409, "Item already in the collection")
+            c["items"].append({"_id": hub._new_id(slug, item["id"])[:24], "id": item["id"], "type": item["type"],
+                               "position": len(c["items"])})
+            c["lastUpdated"] = _now()
+        return 200, c, {}
 
     def h_delete_repo(self, body: bytes) -> tuple[int, Any, dict[str, str]]:
         self._need_auth()

@@ -89,7 +89,14 @@ def em_german_manifest(plan: Plan) -> Manifest:
 OFFLINE = card.OriginalCard(None, "jphme/em_german_13b_v01@main", "not fetched: this card was rendered offline")
 
 
-def test_golden_em_german_13b_gptq_card() -> None:
+# Llama-2-13B's published shape (EM German 13B is a fine-tune of it): the memory column needs it.
+LLAMA2_13B_CONFIG = {"architectures": ["LlamaForCausalLM"], "hidden_size": 5120, "intermediate_size": 13824,
+                     "num_hidden_layers": 40, "num_attention_heads": 40, "num_key_value_heads": 40,
+                     "vocab_size": 32000, "torch_dtype": "float16"}
+
+
+def test_golden_em_german_13b_gptq_card(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(card, "read_model_config", lambda recipe, local=None: LLAMA2_13B_CONFIG)
     plan = em_german_plan()
     text = card.render_card(plan, em_german_manifest(plan), "gptq-4bit-128g-actorder_True", original=OFFLINE)
     if os.environ.get("QUANTKIT_UPDATE_GOLDEN"):
@@ -197,11 +204,16 @@ def test_table_lists_its_repo_and_marks_this_branch(tmp_path: Path) -> None:
     plan = _plan(tmp_path)
     text = card.render_card(plan, _manifest(plan), "gguf-Q8_0")
     rows = [ln for ln in text.split("## Provided files", 1)[1].split("<details>")[0].splitlines()
-            if ln.startswith("| [") or ln.startswith("| **")]
-    assert [re.search(r"\[([^\]]+)\]", r).group(1) for r in rows] == ["main", "Q8_0"]
-    assert rows[1].startswith("| **[Q8_0](https://huggingface.co/acme/tiny_german-GGUF/tree/Q8_0)** (this branch)")
-    assert "`tiny_german.Q8_0.gguf`" in rows[1] and "gptq" not in "".join(rows)
-    assert "hf download acme/tiny_german-GGUF tiny_german.Q8_0.gguf --revision Q8_0" in text
+            if ln.startswith("| [")]
+    # TheBloke's GGUF table: the file on main first, its own branch last
+    assert [re.search(r"\[([^\]]+)\]", r).group(1) for r in rows] == ["tiny_german.Q4_K_M.gguf",
+                                                                         "tiny_german.Q8_0.gguf"]
+    assert rows[1].startswith("| [tiny_german.Q8_0.gguf](https://huggingface.co/acme/tiny_german-GGUF/blob/main/"
+                              "tiny_german.Q8_0.gguf) | Q8_0 | 4.50 |")
+    assert rows[1].endswith("| **[Q8_0](https://huggingface.co/acme/tiny_german-GGUF/tree/Q8_0)** (this branch) |")
+    assert "| Max RAM required |" in text and "gptq" not in "".join(rows)
+    assert "hf download acme/tiny_german-GGUF tiny_german.Q8_0.gguf --local-dir ." in text
+    assert "llama-cli -hf acme/tiny_german-GGUF:Q8_0" in text and "ollama run hf.co/acme/tiny_german-GGUF:Q8_0" in text
     siblings = text.split("## Repositories available", 1)[1].split("##", 1)[0]
     for repo in ("acme/tiny_german-GPTQ", "acme/tiny_german-AWQ", "acme/tiny_german-GGUF", "acme/tiny_german-exl2"):
         assert f"[{repo}](https://huggingface.co/{repo})" in siblings

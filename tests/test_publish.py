@@ -51,6 +51,12 @@ def _expected_files(b: Build, name: str) -> dict[str, bytes]:
     return {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
 
 
+def _distinct_weight_bytes(b: Build) -> int:
+    """Bytes of the weight files, each distinct content counted once per repo."""
+    return sum({(v.repo, f.sha256): f.size for v in b.plan.variants for f in b.manifest.variants[v.name].files
+                if f.path.endswith((".safetensors", ".gguf"))}.values())
+
+
 def _heads(hub: HubServer) -> dict[tuple[str, str], str]:
     return {(repo, br): hub.head(repo, br).id for repo, brs in BRANCHES.items() for br in brs}
 
@@ -74,7 +80,10 @@ def test_fresh_publish_of_three_gptq_branches_and_two_gguf_types(hub: HubServer,
         assert head.parent == initial[br.repo]  # one commit per branch, on the empty initial commit
         files = hub.files(br.repo, br.branch)
         assert files.pop(".gitattributes")
-        assert files == _expected_files(b, br.variant)  # the folder as it is, README included
+        expected = _expected_files(b, br.variant)  # the folder as it is, README included
+        if (br.repo, br.branch) == (GGUF, "main"):  # GGUF tools read main: it holds every type's file
+            expected["tiny_german.Q8_0.gguf"] = (b.folder("gguf-Q8_0") / "tiny_german.Q8_0.gguf").read_bytes()
+        assert files == expected
         rec = report.manifest.variants[br.variant]
         assert rec.state == "published"
         assert rec.published == PublishedRecord(br.repo, br.branch, head.id)
@@ -83,6 +92,11 @@ def test_fresh_publish_of_three_gptq_branches_and_two_gguf_types(hub: HubServer,
     assert hub.head(GPTQ, "gptq-4bit-32g-actorder_True").parent != hub.head(GPTQ, "main").id
     assert not hub.repo(GPTQ).private
     assert steps[0] == (f"publish {GPTQ}@main", 0, 5) and steps[-1] == ("publish", 5, 5)
+    # one collection for the recipe, holding both repos
+    (col,) = hub.collections.values()
+    assert report.collection == col["slug"] and [i["id"] for i in col["items"]] == [GPTQ, GGUF]
+    # the same GGUF file on main and on its branch was uploaded once (content-addressed)
+    assert sum(r.bytes_in for r in hub.requests("PUT")) == _distinct_weight_bytes(b)
 
 
 def test_rerun_with_nothing_changed_makes_no_commit(hub: HubServer, tmp_path: Path) -> None:
@@ -97,8 +111,9 @@ def test_rerun_with_nothing_changed_makes_no_commit(hub: HubServer, tmp_path: Pa
     assert again.ok and again.commits == 0 and again.bytes == 0
     assert {x.status for x in again.branches} == {"unchanged"}
     assert stats["commits"] == 0 and stats["content_bytes"] == 0, hub.log
-    assert stats["requests"] <= 3 * len(again.branches)
-    assert not hub.requests("PUT") and not hub.requests("POST")  # reads only
+    assert stats["requests"] <= 3 * len(again.branches) + 2  # + finding the collection again
+    assert not hub.requests("PUT") and [r.status for r in hub.requests("POST")] == [409]  # reads only
+    assert again.collection and len(hub.collections) == 1
     assert again.hashed_files == 0  # every sha256 came from the cache
     assert _heads(hub) == heads
     assert all(again.manifest.variants[x.variant].published.commit == x.head for x in again.branches)
@@ -196,8 +211,8 @@ def test_commit_rejected_then_accepted_is_retried_without_forking(hub: HubServer
     assert all(hub.commit_count(x.repo, x.branch) == 2 for x in report.branches)  # initial + ours
     commits = hub.requests("POST", r"/commit/")
     assert [r.status for r in commits[:3]] == [status, status, 200]
-    assert sum(r.bytes_in for r in hub.requests("PUT")) == sum(  # content uploaded once, not per attempt
-        f.size for x in report.branches for f in x.added if f.path.endswith((".safetensors", ".gguf")))
+    # content uploaded once, not per attempt (nor per branch)
+    assert sum(r.bytes_in for r in hub.requests("PUT")) == _distinct_weight_bytes(b)
 
 
 def test_commit_backoff_without_retry_after(hub: HubServer, tmp_path: Path, no_backoff: list[float]) -> None:
@@ -336,8 +351,10 @@ def test_file_changed_after_build_is_refused(hub: HubServer, tmp_path: Path) -> 
     weights = b.folder("gguf-Q8_0") / "tiny_german.Q8_0.gguf"
     weights.write_bytes(weights.read_bytes()[::-1])
     report = _publish(b)
-    (failed,) = [x for x in report.branches if x.status == "failed"]
-    assert failed.variant == "gguf-Q8_0" and "changed since it was built" in (failed.error or "")
+    failed = [x for x in report.branches if x.status == "failed"]
+    # its branch, and main, which holds every GGUF file
+    assert [x.variant for x in failed] == ["gguf-Q4_K_M", "gguf-Q8_0"]
+    assert all("tiny_german.Q8_0.gguf changed since it was built" in (x.error or "") for x in failed)
     assert "Q8_0" not in hub.repo(GGUF).branches  # refused before anything was created
 
 
@@ -414,7 +431,7 @@ def test_readme_per_branch_marks_its_own_row(hub: HubServer, tmp_path: Path) -> 
         for br in branches:
             text = hub.files(repo, br)["README.md"].decode()
             marked = [ln for ln in text.splitlines() if "(this branch)" in ln]
-            assert len(marked) == 1 and marked[0].startswith(f"| **[{br}](")
+            assert len(marked) == 1 and f"| **[{br}](" in marked[0]
             tables.add("\n".join(ln.replace("**", "").replace(" (this branch)", "")
                                  for ln in text.splitlines() if ln.startswith("| [") or ln.startswith("| **[")))
         assert len(tables) == 1  # the same table in every branch

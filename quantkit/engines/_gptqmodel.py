@@ -457,11 +457,11 @@ def estimate(shape: ModelShape, work: Workload, machine: Machine, bits: int, gro
     if machine.device == "cuda":
         seconds = tflop * 1e12 / (GPU_FLOPS_SHARE * machine.gpu_flops) + score / machine.gpu_flops
         return Estimate(int(PROCESS_BASE + unquantized + inputs), int(at_work + out), out + offload, seconds,
-                        "quantize")
+                        "quantize", out)
     quant = PROCESS_BASE + unquantized + at_work
     seconds = tflop * CPU_SECONDS_PER_TFLOP * 2 / machine.cores + score / machine.cpu_flops
     ram, stage = max((quant, "quantize"), (reload, "reload and score"))
-    return Estimate(int(ram), 0, out + offload, seconds, stage)
+    return Estimate(int(ram), 0, out + offload, seconds, stage, out)
 
 
 def is_installed(module: str) -> bool:

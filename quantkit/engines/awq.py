@@ -19,6 +19,7 @@ from pydantic import field_validator
 from .. import formats as f
 from ..errors import EngineError, EngineUnavailable
 from ..records import BuildContext, EngineResult, LogitsFn
+from ..sizing import gpu_runtime_overhead
 from . import _gptqmodel as gm
 
 if TYPE_CHECKING:
@@ -60,9 +61,10 @@ SPEC = f.FormatSpec(
     columns=(f.BRANCH, f.Column("Bits", lambda r: str(r.params.get("bits"))),
              f.Column("GS", lambda r: f.group_size_cell(r.params)),
              f.Column("Zero point", lambda r: f.yes(r.params.get("zero_point"))),
-             f.DATASET, f.SEQ_LEN, f.SIZE, *f.QUALITY, f.DESCRIPTION),
+             f.DATASET, f.SEQ_LEN, f.SIZE, f.memory_column("VRAM"), *f.QUALITY, f.DESCRIPTION),
     describe=_describe, use="GPU inference with AWQ (GEMM) kernels",
     tags=("awq", "quantized", "quantkit"), library_name="transformers",  # GPTQModel's AWQ kernels
+    run_device="VRAM", run_overhead=gpu_runtime_overhead,
     runtimes=(
         gm.VLLM, gm.TGI, f.TEXTGEN_WEBUI,
         # AWQ GEMM checkpoints load in transformers through GPTQModel's AWQ kernels.

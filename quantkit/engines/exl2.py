@@ -22,7 +22,7 @@ from pydantic import field_validator
 from .. import formats as f
 from ..errors import EngineError, EngineUnavailable
 from ..records import BuildContext, EngineResult, LogitsFn
-from ..sizing import PROCESS_BASE, Estimate, Machine, ModelShape, Workload
+from ..sizing import PROCESS_BASE, Estimate, Machine, ModelShape, Workload, gpu_runtime_overhead
 
 if TYPE_CHECKING:
     from ..plan import Variant
@@ -58,10 +58,12 @@ SPEC = f.FormatSpec(
     name_keys=frozenset({"bpw"}),
     columns=(f.BRANCH, f.Column("Bits/weight", lambda r: f"{r.params.get('bpw')}"),
              f.Column("Head bits", lambda r: str(r.params.get("head_bits"))), f.DATASET, f.SIZE,
+             f.memory_column("VRAM"),
              *f.QUALITY, f.DESCRIPTION),
     describe=lambda p: f"{p['bpw']} bits per weight, {p.get('head_bits')}-bit output layer",
     use="GPU inference with exllamav2, one bits-per-weight choice per branch",
     tags=("exl2", "quantized", "quantkit"), library_name=None,  # exllamav2 is not a Hub library id
+    run_device="VRAM", run_overhead=gpu_runtime_overhead,
     runtimes=(
         f.TEXTGEN_WEBUI,
         # EXL2 is exllamav2's own format (CUDA only) and the servers built on it.
@@ -116,7 +118,7 @@ class EXL2Engine:
         seconds = flops / gpu_rate if gpu_rate else float("inf")
         vram = 6 * 2 * shape.layer_params + work.calib_tokens * shape.hidden * 4 * 4
         return Estimate(int(PROCESS_BASE + 4 * shape.largest_tensor), int(vram + out), out + shape.bf16_bytes,
-                        seconds, "quantize")
+                        seconds, "quantize", out)
 
     @contextmanager
     def open_model(self, folder: Path, ctx: BuildContext) -> Iterator[LogitsFn]:

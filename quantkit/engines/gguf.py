@@ -114,27 +114,88 @@ def _gguf_file(row: f.CardRow) -> str:
     return next((e.path for e in row.record.files if e.path.endswith(".gguf")), "")
 
 
+# The Hub's rule for a GGUF file's quant type (huggingface.js `parseGGUFQuantLabel`): the last
+# match, in the upper-cased file name, of a file-type name from its GGMLFileQuantizationType
+# list (in that order: the regex takes the first alternative that matches at a place),
+# optionally followed by "_" and a size letter group. `llama-cli -hf REPO:TYPE`, `ollama run
+# hf.co/REPO:TYPE` and the Hub's panels pick main's files by it.
+_HUB_TYPES = ("F32 F16 Q4_0 Q4_1 Q4_1_SOME_F16 Q4_2 Q4_3 Q8_0 Q5_0 Q5_1 Q2_K Q3_K_S Q3_K_M Q3_K_L Q4_K_S Q4_K_M "
+              "Q5_K_S Q5_K_M Q6_K IQ2_XXS IQ2_XS Q2_K_S IQ3_XS IQ3_XXS IQ1_S IQ4_NL IQ3_S IQ3_M IQ2_S IQ2_M IQ4_XS "
+              "IQ1_M BF16 Q4_0_4_4 Q4_0_4_8 Q4_0_8_8 TQ1_0 TQ2_0 MXFP4_MOE NVFP4 Q1_0 Q2_K_XL Q3_K_XL Q4_K_XL "
+              "Q5_K_XL Q6_K_XL Q8_K_XL").split()
+_HUB_LABEL = re.compile(f"(UD-)?({'|'.join(_HUB_TYPES)})(_[A-Z]+)?")
+
+
+def hub_quant_label(file_name: str) -> str | None:
+    """The quant type the Hub and the tools reading main see in a file name."""
+    found = [m.group(0) for m in _HUB_LABEL.finditer(file_name.upper())]
+    return found[-1] if found else None
+
+
+# What each family of types is for, in our words (TheBloke's "Use case" column).
+_USE = (
+    (("F32", "F16", "BF16"), "unquantized; a source for other conversions"),
+    (("Q8_0",), "nearly lossless; large, for when memory is no concern"),
+    (("Q6_K",), "very close to the original; large"),
+    (("Q5_",), "close to the original; a good choice when it fits"),
+    (("Q4_K_M",), "the usual default: balanced size and quality"),
+    (("Q4_", "IQ4_"), "smaller than Q4_K_M, with a little more loss"),
+    (("Q3_", "IQ3_"), "small, with noticeable loss"),
+    (("Q2_", "IQ2_"), "smallest usable; large loss, for when nothing larger fits"),
+    (("IQ1_",), "extreme compression; for experiments"),
+)
+
+
+def use_case(quant: str) -> str:
+    return next((text for prefixes, text in _USE if quant.startswith(prefixes)), "")
+
+
+def _file_link(r: f.CardRow) -> str:
+    """The file on main, where every GGUF file of the repo lies."""
+    name = _gguf_file(r)
+    return f"[{name}]({r.link.rsplit('/tree/', 1)[0]}/blob/main/{name})"
+
+
+def _quant_method(r: f.CardRow) -> str:
+    return str(r.params.get("quant")) + (", imatrix" if _uses_imatrix(r.params) else "")
+
+
+LLAMA_BATCH = 512  # llama.cpp's default n_ubatch: one batch's tensors make the compute buffer
+
+
+def llama_cpp_overhead(shape: ModelShape) -> int:
+    """llama.cpp's compute and output buffers on the CPU. The compute graph's largest live
+    tensors are one batch's logits (or, in wide FFNs, its two intermediate activations) next
+    to a few hidden states, in f32; the output buffer holds one token's logits. Checked by
+    benchmarks/run_memory.py against llama.cpp's own report (SmolLM2: 104.2 MB estimated,
+    99.6 MiB = 104.4 MB reported)."""
+    widest = max(shape.vocab, 2 * shape.intermediate)
+    return LLAMA_BATCH * 4 * (widest + 3 * shape.hidden) + shape.vocab * 4
+
+
 SPEC = f.FormatSpec(
     name="gguf", repo_suffix="GGUF", params=GGUFParams,
     variant_name=lambda p: f"gguf-{p.quant}{_suffix(p)}", branch_name=lambda p: f"{p.quant}{_suffix(p)}",
     name_keys=frozenset({"quant"}),
-    columns=(f.BRANCH, f.Column("File", lambda r: f"`{_gguf_file(r)}`"),
-             f.Column("Quant", lambda r: str(r.params.get("quant"))),
-             f.Column("Bits/weight", lambda r: f"{r.record.bits_per_weight:.2f}"),
-             f.Column("imatrix", lambda r: r.dataset if _uses_imatrix(r.params) else "No"), f.SIZE,
-             *f.QUALITY, f.DESCRIPTION),
+    # TheBloke's GGUF table (Name, Quant method, Bits, Size, Max RAM required, Use case) plus
+    # measured quality and the variant's own branch.
+    columns=(f.Column("Name", _file_link), f.Column("Quant method", _quant_method),
+             f.Column("Bits", lambda r: f"{r.record.bits_per_weight:.2f}"), f.SIZE, f.memory_column("RAM"),
+             f.Column("Use case", lambda r: use_case(str(r.params.get("quant")))), *f.QUALITY, f.TOP1, f.BRANCH),
     describe=lambda p: f"llama.cpp {p['quant']}" + (", with importance matrix" if _uses_imatrix(p) else ""),
     use="CPU and CPU+GPU inference with llama.cpp and the apps built on it",
     tags=("gguf", "quantized", "quantkit"), library_name=None,  # the Hub recognises .gguf files itself
     runtimes=(
         f.TEXTGEN_WEBUI,
         # GGUF is llama.cpp's format; everything that embeds llama.cpp reads it.
-        f.Runtime("llama.cpp", f.always, "`llama-cli -m FILE`"),
-        f.Runtime("llama-cpp-python", f.always, "`Llama(model_path=FILE)`"),
-        f.Runtime("LM Studio, Ollama, KoboldCpp", f.always, "open or import the .gguf file"),
+        f.Runtime("llama.cpp", f.always, "`llama-cli -hf REPO:TYPE`"),
+        f.Runtime("llama-cpp-python", f.always, "`Llama.from_pretrained(REPO, FILE)`"),
+        f.Runtime("Ollama", f.always, "`ollama run hf.co/REPO:TYPE`"),
+        f.Runtime("LM Studio, KoboldCpp", f.always, "open or import the .gguf file"),
     ),
-    card_context=lambda row: {"gguf_file": _gguf_file(row)},
     example={"quant": "Q4_K_M"},
+    run_device="RAM", run_overhead=llama_cpp_overhead, ladder_on_main=True,
+    card_context=lambda row: {"gguf_file": _gguf_file(row), "quant_tag": hub_quant_label(_gguf_file(row)) or ""},
 )
 
 
@@ -162,6 +223,21 @@ def quantized_by(ctx: BuildContext) -> str:
 
 def file_name(ctx: BuildContext, quant: str) -> str:
     return f"{model_name(ctx)}.{quant}.gguf"
+
+
+def imatrix_file(ctx: BuildContext) -> str:
+    """The importance matrix as published beside the files it steered (bartowski's name: no
+    .gguf suffix, so tools listing GGUF models do not offer it as one)."""
+    return f"{model_name(ctx)}.imatrix"
+
+
+def _copy_imatrix(src: Path, dest: Path) -> None:
+    """A hard link when the file system allows (same bytes, no copy), else a copy."""
+    dest.unlink(missing_ok=True)
+    try:
+        os.link(src, dest)
+    except OSError:
+        shutil.copyfile(src, dest)
 
 
 def base_type(source: Path) -> str:
@@ -362,6 +438,8 @@ def check(path: Path, quant: str, base: dict[str, Any], variant: str | None = No
 # ---------------------------------------------------------------- the engine
 
 
+
+
 class GGUFEngine:
     """Engine for `format = "gguf"`; see the module docstring for the flow."""
 
@@ -469,7 +547,8 @@ class GGUFEngine:
             raise _for_variant(e, variant.name) from None
         _need_space(out_dir, expected_bytes(quant, ctx.source.n_params), quant, variant.name)
         out_dir.mkdir(parents=True, exist_ok=True)
-        out = out_dir / file_name(ctx, quant)
+        # A plain variant of a type that also has an imatrix one needs its own name on main.
+        out = out_dir / file_name(ctx, quant + _suffix(variant.params))
         tmp = out.with_suffix(".partial")
         t0 = time.monotonic()
         cmd: list[str | Path] = [tc.quantize,  # llama.cpp keeps override strings to 127 bytes
@@ -500,6 +579,8 @@ class GGUFEngine:
         else:
             built = self.quantize(variant, ctx, out_dir)
         notes = {k: v for k, v in built.notes.items() if k != "quantize_seconds"}
+        if notes.get("imatrix"):
+            _copy_imatrix(self.imatrix(ctx)[0], out_dir / imatrix_file(ctx))
         # prepare() quantized it ahead, in parallel: its own clock, not build()'s, is the time.
         return EngineResult(f"llama.cpp {notes['llama_cpp']}", "cpu", built.notes["quantize_seconds"],
                             {**notes, "file": built.path.name})
@@ -661,7 +742,8 @@ def variant_estimate(quant: str, shape: ModelShape, work: Workload, machine: Mac
     shared = shared_estimate(shape, work, machine)
     if shared.ram > ram:
         ram, stage = shared.ram, shared.stage
-    return Estimate(int(ram), 0, int(shape.params * GGUF_TYPES[quant][0] / 8), seconds, stage)
+    size = int(shape.params * GGUF_TYPES[quant][0] / 8)
+    return Estimate(int(ram), 0, size, seconds, stage, size)
 
 
 # ---------------------------------------------------------------- small helpers

@@ -18,6 +18,7 @@ from pydantic import Field, field_validator
 from .. import formats as f
 from ..errors import EngineError, EngineUnavailable
 from ..records import BuildContext, EngineResult, LogitsFn
+from ..sizing import gpu_runtime_overhead
 from . import _gptqmodel as gm
 
 if TYPE_CHECKING:
@@ -82,10 +83,12 @@ SPEC = f.FormatSpec(
              f.Column("GS", lambda r: f.group_size_cell(r.params)),
              f.Column("Act Order", lambda r: f.yes(r.params.get("act_order"))),
              f.Column("Damp %", lambda r: f"{r.params.get('damp', 0):g}"), f.DATASET, f.SEQ_LEN, f.SIZE,
+             f.memory_column("VRAM"),
              f.Column("ExLlama", lambda r: f.yes(_exllama(r.params, r.architecture))), *f.QUALITY,
              f.DESCRIPTION),
     describe=_describe, use="GPU inference; one set of GPTQ parameters per branch",
     tags=("gptq", "quantized", "quantkit"), library_name="transformers",  # loads through GPTQModel
+    run_device="VRAM", run_overhead=gpu_runtime_overhead,
     runtimes=(
         f.Runtime("ExLlama (v1/v2 kernels)", _exllama, "ExLlamav2 loader"),
         # transformers 5 loads GPTQ checkpoints through GPTQModel (+ optimum), any bit width.
