@@ -302,7 +302,7 @@ def card_context(plan: Plan, manifest: Manifest, variant: str, *, owner: str | N
         example_prompt=(m.prompt_template or "{prompt}").replace(
             "{prompt}", "Was ist die Hauptstadt von Deutschland?"),
         original=original, run_device=spec.run_device, human_size=human_size,
-        extra=spec.extra_context(current),
+        extra=spec.extra_context(current, rows),
     )
 
 

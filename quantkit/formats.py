@@ -166,7 +166,8 @@ class FormatSpec:
     run_overhead: Callable[[ModelShape], int] = lambda shape: 0
     ladder_on_main: bool = False  # main holds every variant's files (tools list main's files)
     # Extra names for the format's template partial, from the card's own row (e.g. a file name).
-    card_context: Callable[[CardRow], dict[str, Any]] | None = None
+    # (the card's own row, every row of its repo) -> names for the partial.
+    card_context: Callable[[CardRow, list[CardRow]], dict[str, Any]] | None = None
 
     @property
     def defaults_table(self) -> str:
@@ -177,5 +178,5 @@ class FormatSpec:
         """The template with the card's format-specific sections (jinja macros)."""
         return f"formats/{self.name}.md.j2"
 
-    def extra_context(self, row: CardRow) -> dict[str, Any]:
-        return self.card_context(row) if self.card_context else {}
+    def extra_context(self, row: CardRow, rows: list[CardRow]) -> dict[str, Any]:
+        return self.card_context(row, rows) if self.card_context else {}

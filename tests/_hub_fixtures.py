@@ -17,6 +17,7 @@ import pytest
 from hub_server import HubServer, use_hub
 
 from quantkit.records import CalibrationRecord, QualityRecord, SourceRecord
+from quantkit.engines import gguf
 from quantkit.records import file_entries
 from quantkit.manifest import Manifest, VariantRecord
 from quantkit.plan import Plan, Variant, make_plan
@@ -88,8 +89,10 @@ def fabricate_files(v: Variant, folder: Path, *, weight_bytes: int, seed: int) -
     """What an engine leaves in a variant folder, with random weights of the given size."""
     rng = random.Random(f"{v.name}:{seed}")
     folder.mkdir(parents=True, exist_ok=True)
-    if v.format == "gguf":
-        (folder / f"tiny_german.{v.params.quant}.gguf").write_bytes(b"GGUF" + _weights(rng, weight_bytes))
+    if v.format == "gguf":  # named as the engine names them; the imatrix beside the files it steered
+        (folder / f"tiny_german.{v.name.removeprefix('gguf-')}.gguf").write_bytes(b"GGUF" + _weights(rng, weight_bytes))
+        if gguf.SPEC.name == v.format and gguf._uses_imatrix(v.params_dict()):
+            (folder / "tiny_german.imatrix").write_bytes(random.Random("imatrix").randbytes(4096))
         return
     (folder / "model.safetensors").write_bytes(_weights(rng, weight_bytes))
     (folder / "config.json").write_text(json.dumps({**SOURCE_CONFIG, "quantization_config": {

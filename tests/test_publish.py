@@ -52,9 +52,9 @@ def _expected_files(b: Build, name: str) -> dict[str, bytes]:
 
 
 def _distinct_weight_bytes(b: Build) -> int:
-    """Bytes of the weight files, each distinct content counted once per repo."""
+    """Bytes of the binary files (weights, importance matrix), each distinct content counted once per repo."""
     return sum({(v.repo, f.sha256): f.size for v in b.plan.variants for f in b.manifest.variants[v.name].files
-                if f.path.endswith((".safetensors", ".gguf"))}.values())
+                if f.path.endswith((".safetensors", ".gguf", ".imatrix"))}.values())
 
 
 def _heads(hub: HubServer) -> dict[tuple[str, str], str]:
@@ -339,7 +339,7 @@ def test_private_repos_when_asked(hub: HubServer, tmp_path: Path) -> None:
 def test_hash_cache_is_keyed_by_path_size_and_mtime(hub: HubServer, tmp_path: Path) -> None:
     b = _built(tmp_path)
     first = _publish(b)
-    assert first.hashed_files == sum(len(r.files) for r in b.manifest.variants.values()) == 14  # each once
+    assert first.hashed_files == sum(len(r.files) for r in b.manifest.variants.values()) == 15  # each once
     weights = b.folder("gguf-Q8_0") / "tiny_german.Q8_0.gguf"
     os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
     again = _publish(b)

@@ -163,6 +163,15 @@ def _quant_method(r: f.CardRow) -> str:
 LLAMA_BATCH = 512  # llama.cpp's default n_ubatch: one batch's tensors make the compute buffer
 
 
+def _card_names(row: f.CardRow, rows: list[f.CardRow]) -> dict[str, Any]:
+    """The file, and the type tag `-hf REPO:TAG` resolves by; no tag when another file on main
+    has the same one (a plain and an imatrix file of one type): then the card names the file."""
+    name = _gguf_file(row)
+    tag = hub_quant_label(name) or ""
+    shared = sum(hub_quant_label(_gguf_file(r)) == tag for r in rows) > 1
+    return {"gguf_file": name, "quant_tag": "" if shared else tag, "file_tag": tag}
+
+
 def llama_cpp_overhead(shape: ModelShape) -> int:
     """llama.cpp's compute and output buffers on the CPU. The compute graph's largest live
     tensors are one batch's logits (or, in wide FFNs, its two intermediate activations) next
@@ -195,7 +204,7 @@ SPEC = f.FormatSpec(
     ),
     example={"quant": "Q4_K_M"},
     run_device="RAM", run_overhead=llama_cpp_overhead, ladder_on_main=True,
-    card_context=lambda row: {"gguf_file": _gguf_file(row), "quant_tag": hub_quant_label(_gguf_file(row)) or ""},
+    card_context=lambda row, rows: _card_names(row, rows),
 )
 
 
