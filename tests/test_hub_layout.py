@@ -14,14 +14,16 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from _hub_fixtures import Build, fabricate_build
-from hub_server import HubServer, summarize
 
-from quantkit import card, publish
-from quantkit.engines.gguf import hub_quant_label
-from quantkit.errors import GateRefused
-from quantkit.recipe import parse_recipe
-from quantkit.records import QualityRecord
+pytest.register_assert_rewrite("_hub_fixtures")  # it is also the plugin named below
+from _hub_fixtures import Build, fabricate_build  # noqa: E402
+from hub_server import HubServer, summarize  # noqa: E402
+
+from quantkit import card, publish  # noqa: E402
+from quantkit.engines.gguf import hub_quant_label  # noqa: E402
+from quantkit.errors import GateRefused  # noqa: E402
+from quantkit.recipe import parse_recipe  # noqa: E402
+from quantkit.records import QualityRecord  # noqa: E402
 
 pytest_plugins = ("_hub_fixtures",)
 
