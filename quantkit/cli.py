@@ -113,21 +113,25 @@ def plan(recipe: RecipeArg,
         rows = [{"name": v.name, "format": v.format, "repo": v.repo, "branch": v.branch,
                  "params": v.params_dict(), **({"resources": res["variants"][v.name]} if res else {})}
                 for v in p.variants]
-        print(json.dumps({"variants": rows, "resources": res and {k: res[k] for k in res if k != "variants"}},
-                         indent=2))
+        print(json.dumps({"variants": rows, "resources": res and {k: res[k] for k in res if k != "variants"},
+                          "warnings": _file_warnings(rp)}, indent=2))
         return
     out.print(f"{p.recipe.model.model_name}: {len(p.variants)} variants → {p.out_dir}")
     done = _manifest_if_built(p)
     for repo in dict.fromkeys(v.repo for v in p.variants):
         t = Table(title=repo)
-        for col in ("variant", "branch", "other settings", "peak RAM", "GPU mem", "disk", "time", "to run",
-                    "quality gate"):
+        cols = ("variant", "branch", "other settings", "peak RAM", "GPU mem", "disk", "time", "files", "to run",
+                "quality gate")
+        for col in cols:
             t.add_column(col, no_wrap=col not in ("other settings", "quality gate"), overflow="fold",
-                         justify="right" if col in ("peak RAM", "GPU mem", "disk", "time", "to run") else "left")
+                         justify="right" if col in cols[3:9] else "left")
         for v in (v for v in p.variants if v.repo == repo):
-            t.add_row(v.name, v.branch, _other_settings(v), *_resource_cells(rp.variants[v.name] if rp else None),
+            e = rp.variants[v.name] if rp else None
+            t.add_row(v.name, v.branch, _other_settings(v), *_resource_cells(e), _files_cell(e),
                       _run_cell(rp, v.name), _gate_cell(p, v, done))
         out.print(t)
+    for name, line in _file_warnings(rp).items():
+        err.print(f"[yellow]warning:[/yellow] {escape(name)}: {escape(line)}", highlight=False, soft_wrap=True)
     _print_build_estimate(rp, why)
 
 
@@ -158,6 +162,20 @@ def _gate_cell(p: Any, v: Any, manifest: Any) -> str:
         return gate.limits
     why = gate.failures(rec.quality)
     return f"[red]gated[/red]: {escape('; '.join(why))}" if why else f"passes ({gate.limits})"
+
+
+def _file_warnings(rp: Any) -> dict[str, str]:
+    from .resources import file_warnings
+
+    return file_warnings(rp) if rp else {}
+
+
+def _files_cell(e: Any) -> str:
+    """Weight files the variant writes: a count, and the largest when there are several."""
+    f = getattr(e, "files", None)
+    if f is None:
+        return "?" if e is None else "-"
+    return str(f.count) if f.count == 1 else f"{f.count} (≤ {_size(f.largest)})"
 
 
 def _resources(p: Any, machine: str) -> tuple[Any, str]:

@@ -7,11 +7,12 @@ This module is neutral: it imports only quantkit.records, so format modules and 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import AfterValidator, BaseModel, ConfigDict
 
 from .records import FileEntry, QualityRecord
 
@@ -28,6 +29,37 @@ class ParamsModel(BaseModel):
     """Base of every format's settings model: frozen, and an unknown key is an error."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# ---------------------------------------------------------------- file size limits
+# The Hub refuses files over 50 GB and advises keeping each under about 20 GB. Every format
+# that writes weights takes one setting for it, `split_max_size`: the largest file it writes
+# (GGUF: split with llama-gguf-split; safetensors: shards plus an index, as transformers does).
+# Decimal units, as llama.cpp's --split-max-size and the Hub count them.
+
+HUB_FILE_LIMIT = 50 * 10**9  # bytes; the Hub refuses a larger file
+SPLIT_DEFAULT = "20G"
+SIZE_UNITS = {"K": 10**3, "M": 10**6, "G": 10**9}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMG])B?\s*$", re.I)
+
+
+def parse_size(text: str) -> int:
+    """'20G' -> 20_000_000_000; K/M/G (optionally with B), decimal; ValueError otherwise."""
+    m = _SIZE.match(str(text))
+    if not m or float(m.group(1)) <= 0:
+        raise ValueError(f"{text!r} is not a size: a positive number with K, M or G, e.g. \"20G\" or \"500M\"")
+    return int(float(m.group(1)) * SIZE_UNITS[m.group(2).upper()])
+
+
+def _size_setting(v: str) -> str:
+    parse_size(v)
+    m = _SIZE.match(v)
+    assert m is not None
+    return f"{m.group(1)}{m.group(2).upper()}"  # one spelling: "20G", whatever was written
+
+
+# A settings field: `split_max_size: f.SizeSetting = f.SPLIT_DEFAULT`.
+SizeSetting = Annotated[str, AfterValidator(_size_setting)]
 
 
 def one_of(v: Any, allowed: tuple[Any, ...]) -> Any:

@@ -592,6 +592,7 @@ def publish(plan: Plan, manifest: Manifest, out_dir: Path, *, dry_run: bool = Fa
     token = _token(api)
     ready, left = _ready(plan, manifest, only)
     ready, gated = _gate(plan, manifest, ready, force)
+    refuse_oversized(plan, manifest, ready)  # before any Hub request
     if ready and not dry_run and not token:
         raise PublishError(ready[0].repo, "no Hub token: set HF_TOKEN or run `hf auth login`")
     owner = _owner(plan, api, token, ready) if ready else plan.recipe.publish.owner
@@ -703,3 +704,26 @@ def _why(e: BaseException, token: str | None) -> str:
 
 
 __all__ = ["publish", "PublishReport", "BranchReport", "RepoReport", "FileOp", "HashCache", "git_blob_id"]
+
+
+# ---------------------------------------------------------------- the Hub's file size limit
+
+
+def refuse_oversized(plan: Plan, manifest: Manifest, variants: list[Variant]) -> None:
+    """The Hub refuses a file over its limit after the upload: refuse the whole publish before
+    anything is sent, naming every such file and its size (the size on disk, what would go up)."""
+    from .formats import HUB_FILE_LIMIT, human_size
+
+    big = []
+    for v in variants:
+        folder = plan.variant_dir(v)
+        for f in manifest.variants[v.name].files:
+            p = folder / f.path
+            size = p.stat().st_size if p.is_file() else f.size
+            if size > HUB_FILE_LIMIT:
+                big.append((v, f"{v.name}/{f.path} ({human_size(size)})"))
+    if big:
+        names = sorted({v.name for v, _ in big})
+        raise PublishError(big[0][0].repo, f"{', '.join(d for _, d in big)}: over the Hub's "
+                           f"{human_size(HUB_FILE_LIMIT)} file limit; nothing was uploaded. Set a smaller "
+                           f"split_max_size (default 20G) and rebuild {' '.join(names)}")

@@ -22,7 +22,7 @@ from .sizing import (GB, MACHINES, PROCESS_BASE, Estimate, Machine, ModelShape, 
                      reference_cache_bytes, reference_estimate, run_memory, this_machine)
 
 __all__ = ["GB", "MACHINES", "PROCESS_BASE", "Estimate", "Machine", "ModelShape", "ResourcePlan", "Workload",
-           "check_fits", "model_config", "plan_resources", "reference_estimate", "this_machine"]
+           "check_fits", "file_warnings", "model_config", "plan_resources", "reference_estimate", "this_machine"]
 
 
 @dataclass(frozen=True)
@@ -64,9 +64,35 @@ def plan_resources(plan: Any, machine: Machine | None = None, config: dict[str, 
     shared = _shared(selected, shape, work, machine)
     ref = replace(ref, disk=reference_cache_bytes(shape, work))
     # Memory to run each variant, from the estimated size of its files (the card has the measured one).
-    run = {v.name: (v.spec.run_device, run_memory(variants[v.name].output, shape, v.spec.run_overhead(shape)))
+    run = {v.name: (v.spec.run_device, run_memory(_output_bytes(variants[v.name]), shape, v.spec.run_overhead(shape)))
            for v in selected}
     return ResourcePlan(machine, shape, variants, _combine(list(variants.values()), [ref, *shared]), run)
+
+
+def file_warnings(rp: ResourcePlan) -> dict[str, str]:
+    """Variant name -> one line, for each variant with a file over the Hub's limit: one that
+    split_max_size splits (what it would be unsplit, and the planned files), or one that would
+    still be over it (publish refuses that)."""
+    from .formats import HUB_FILE_LIMIT, human_size
+
+    out = {}
+    for name, e in rp.variants.items():
+        files = e.files
+        if files is None or files.unsplit <= HUB_FILE_LIMIT:
+            continue
+        hub = f"over the Hub's {human_size(HUB_FILE_LIMIT)} file limit"
+        if files.largest > HUB_FILE_LIMIT:
+            out[name] = (f"its largest file would be {human_size(files.largest)}, {hub}: publish would refuse "
+                         f"it; set split_max_size to 20G or less")
+        else:
+            out[name] = (f"one file of {human_size(files.unsplit)} unsplit would be {hub}; split_max_size "
+                         f"{human_size(files.limit)} writes {files.count} files of at most {human_size(files.largest)}")
+    return out
+
+
+def _output_bytes(e: Estimate) -> int:
+    """The variant's files together, as estimated (the disk figure also counts temporaries)."""
+    return e.files.unsplit if e.files else e.disk
 
 
 def _with_reference(e: Estimate, ref: Estimate) -> Estimate:

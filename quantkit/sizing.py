@@ -79,6 +79,16 @@ class ModelShape:
     def largest_tensor(self) -> int:
         return max(self.embed_params, self.hidden * self.intermediate)
 
+    def tensors(self) -> list[tuple[str, int]]:
+        """(kind, elements) of every weight tensor in checkpoint order; kind is "embed", "head",
+        "norm" or "linear" (a decoder layer's projections, what GPTQ/AWQ quantize)."""
+        q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        h, i = self.hidden, self.intermediate
+        layer = [("norm", h), ("linear", q * h), ("linear", kv * h), ("linear", kv * h), ("linear", h * q),
+                 ("norm", h), ("linear", i * h), ("linear", i * h), ("linear", h * i)]
+        head = [] if self.tied else [("head", self.vocab * h)]
+        return [("embed", self.vocab * h), *layer * self.layers, ("norm", h), *head]
+
     def kv_bytes(self, ctx: int, bytes_per: int = 2) -> int:
         """KV cache of one sequence of ctx tokens (f16 keys and values)."""
         return self.layers * self.kv_heads * self.head_dim * ctx * 2 * bytes_per
@@ -145,11 +155,42 @@ class Estimate:
     disk: int = 0
     seconds: float = 0.0
     stage: str = ""
-    output: int = 0  # bytes of the variant's own files, as published (disk also counts temporaries)
+    files: OutputFiles | None = None  # the weight files written (a variant's estimate only)
 
     def as_dict(self) -> dict[str, Any]:
         return {"ram": self.ram, "vram": self.vram, "disk": self.disk, "seconds": round(self.seconds, 1),
-                "peak_stage": self.stage, "output": self.output}
+                "peak_stage": self.stage, **({"files": self.files.as_dict()} if self.files else {})}
+
+
+@dataclass(frozen=True)
+class OutputFiles:
+    """The weight files a variant will write: how many, the largest, and how large the one
+    file would be unsplit (what the Hub's file limit is weighed against)."""
+
+    count: int
+    largest: int
+    unsplit: int
+    limit: int  # the variant's split_max_size in bytes
+
+    def as_dict(self) -> dict[str, int]:
+        return {"count": self.count, "largest": self.largest, "unsplit": self.unsplit, "limit": self.limit}
+
+
+def pack_files(tensor_bytes: list[int], limit: int, header: int = 0) -> OutputFiles:
+    """Tensors in order into files of at most `limit` bytes of data, a new file when the next
+    tensor would not fit: what llama-gguf-split and GPTQModel's sharding both do. `header`:
+    bytes every file adds besides its tensors (counted once for the unsplit file)."""
+    files, current = [], 0
+    for n in tensor_bytes:
+        if current and current + n > limit:
+            files.append(current)
+            current = 0
+        current += n
+    files.append(current)
+    total = sum(tensor_bytes) + header
+    if len(files) == 1:
+        return OutputFiles(1, total, total, limit)
+    return OutputFiles(len(files), max(files) + header, total, limit)
 
 
 @dataclass(frozen=True)

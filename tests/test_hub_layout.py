@@ -181,3 +181,22 @@ def _base_env() -> dict[str, str]:
     import os
 
     return {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+
+
+def test_a_split_file_is_listed_with_its_parts_and_one_download_pattern(tmp_path: Path) -> None:
+    b = _ladder(tmp_path)
+    name = "gguf-Q5_K_M"
+    folder = b.folder(name)
+    (folder / "tiny_german.Q5_K_M.gguf").unlink()
+    parts = [f"tiny_german.Q5_K_M-0000{i}-of-00003.gguf" for i in (1, 2, 3)]
+    for p in parts:
+        (folder / p).write_bytes(b"GGUF" + p.encode())
+    from quantkit.records import file_entries
+
+    rec = b.manifest.variants[name]
+    b.manifest = b.manifest.with_variant(name, replace(rec, files=file_entries(folder)))
+    text = card.render_card(b.plan, b.manifest, name)
+    assert f'hf download {REPO} --include "tiny_german.Q5_K_M-*-of-00003.gguf" --local-dir .' in text
+    assert ", ".join(parts) in text and f"[{parts[0]}](" in text  # the table names the first part
+    assert {hub_quant_label(p) for p in parts} == {"Q5_K_M"}  # each part still reads as its type
+    assert f"llama-cli -hf {REPO}:Q5_K_M" in text

@@ -20,7 +20,7 @@ import shutil
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ import numpy as np
 from .. import formats as f
 from ..errors import EngineError, EngineUnavailable
 from ..records import WEIGHT_SUFFIXES, LogitsFn, ProgressFn
-from ..sizing import PROCESS_BASE, Estimate, Machine, ModelShape, Workload
+from ..sizing import PROCESS_BASE, Estimate, Machine, ModelShape, OutputFiles, Workload, pack_files
 
 # Runtimes that serve both GPTQ and AWQ checkpoints (the card's compatibility rows).
 # vLLM has kernels for GPTQ 2/3/4/8 bits and AWQ GEMM; TGI serves both with --quantize.
@@ -176,6 +176,21 @@ class QuantJob:
     backend: str = "AUTO"  # gptqmodel.BACKEND member name
     batch_size: int = 4
     dtype: str = ""  # compute dtype; "" = compute_dtype(source, device)
+    max_file_bytes: int = f.parse_size(f.SPLIT_DEFAULT)  # the variant's split_max_size
+
+
+# Sharding. GPTQModel's save() shards at "4GB" (4 GiB) unless told otherwise and counts only
+# tensor bytes; each file also carries a JSON header (~120 bytes a tensor). What it is given
+# leaves room for that header, so no file exceeds split_max_size. The files are what
+# transformers writes and reads: model-0000i-of-0000N.safetensors plus
+# model.safetensors.index.json (one model.safetensors when everything fits).
+HEADER_ALLOWANCE = 10**6
+
+
+def shard_bytes(max_file_bytes: int) -> int:
+    """Tensor bytes per shard for GPTQModel's save(max_shard_size=...), in bytes (an int: its
+    strings count in binary units, ours in decimal)."""
+    return max_file_bytes - min(HEADER_ALLOWANCE, max_file_bytes // 50)
 
 
 class _LayerProgress:
@@ -229,7 +244,7 @@ def run(job: QuantJob, out_dir: Path, progress: ProgressFn, log_path: Path | Non
             report("quantize layers", 0, total)
             model.quantize(job.examples, batch_size=job.batch_size, backend=BACKEND[job.backend])
             report("save", 0, None)
-            model.save(str(out_dir))
+            model.save(str(out_dir), max_shard_size=shard_bytes(job.max_file_bytes))
     except (MemoryError, torch.OutOfMemoryError):  # the pipeline reports these as out of memory
         raise
     except Exception as e:  # noqa: BLE001 - GPTQModel raises anything from anywhere
@@ -374,8 +389,9 @@ def read_quant_config(folder: Path) -> dict[str, Any]:
     return cfg.get("quantization_config") or {}
 
 
-def check_output(engine: str, folder: Path, expect: dict[str, Any]) -> None:
-    """The saved folder is what transformers and the runtimes expect, or an EngineError."""
+def check_output(engine: str, folder: Path, expect: dict[str, Any], max_file_bytes: int | None = None) -> None:
+    """The saved folder is what transformers and the runtimes expect, or an EngineError.
+    Checked after finish_folder: a CPU build saved in fp32 shrinks to fp16 there."""
     qc = read_quant_config(folder)
     bad = {k: qc.get(k) for k, v in expect.items() if qc.get(k) != v}
     if bad:
@@ -386,6 +402,24 @@ def check_output(engine: str, folder: Path, expect: dict[str, Any]) -> None:
     stray = [p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth")]
     if stray:
         raise EngineError(engine, f"pickle weight files written: {', '.join(stray)}")
+    if max_file_bytes is not None:
+        check_shards(engine, folder, max_file_bytes)
+
+
+def check_shards(engine: str, folder: Path, max_file_bytes: int) -> None:
+    """Each weight file within the limit (a tensor larger than it would get a file of its own),
+    and several files only with an index that maps every tensor to one of them."""
+    files = sorted(folder.glob("*.safetensors"))
+    big = [f"{p.name} ({p.stat().st_size} bytes)" for p in files if p.stat().st_size > max_file_bytes]
+    if big:
+        raise EngineError(engine, f"{', '.join(big)} over split_max_size ({max_file_bytes} bytes): a single "
+                          "tensor is larger than that; raise split_max_size")
+    if len(files) > 1:
+        index = folder / "model.safetensors.index.json"
+        mapped = set(_read_json(index).get("weight_map", {}).values()) if index.is_file() else set()
+        if mapped != {p.name for p in files}:
+            raise EngineError(engine, f"{len(files)} safetensors shards but model.safetensors.index.json "
+                              f"maps {sorted(mapped) or 'none'}")
 
 
 # ---------------------------------------------------------------- reload
@@ -441,10 +475,26 @@ def _work_tflop(shape: ModelShape, work: Workload, passes: float) -> float:
     return (forward + updates) / 1e12
 
 
+def output_files(shape: ModelShape, bits: int, group_size: int, max_file_bytes: int) -> OutputFiles:
+    """The safetensors files GPTQModel writes: packed Linear weights (with scales and zeros),
+    everything else fp16, packed into shards in checkpoint order."""
+    gs = group_size if group_size > 0 else shape.hidden
+    sizes = [int(n * bits / 8 + n / gs * (2 + bits / 8)) if kind == "linear" else 2 * n
+             for kind, n in shape.tensors()]
+    return pack_files(sizes, shard_bytes(max_file_bytes))
+
+
 def estimate(shape: ModelShape, work: Workload, machine: Machine, bits: int, group_size: int,
-             passes: float) -> Estimate:
+             passes: float, max_file_bytes: int | None = None) -> Estimate:
     """GPTQModel quantizing layer by layer (`passes`: forward passes over the calibration
     tokens per layer), then the reload through transformers (bf16) for scoring."""
+    e = _estimate(shape, work, machine, bits, group_size, passes)
+    limit = max_file_bytes or f.parse_size(f.SPLIT_DEFAULT)
+    return replace(e, files=output_files(shape, bits, group_size, limit))
+
+
+def _estimate(shape: ModelShape, work: Workload, machine: Machine, bits: int, group_size: int,
+              passes: float) -> Estimate:
     out = packed_bytes(shape, bits, group_size)
     offload = out - (shape.params - shape.linear_params) * 2  # finished layers, on disk until saved
     unquantized = (shape.params - shape.layers * shape.layer_params) * 2
@@ -457,11 +507,11 @@ def estimate(shape: ModelShape, work: Workload, machine: Machine, bits: int, gro
     if machine.device == "cuda":
         seconds = tflop * 1e12 / (GPU_FLOPS_SHARE * machine.gpu_flops) + score / machine.gpu_flops
         return Estimate(int(PROCESS_BASE + unquantized + inputs), int(at_work + out), out + offload, seconds,
-                        "quantize", out)
+                        "quantize")
     quant = PROCESS_BASE + unquantized + at_work
     seconds = tflop * CPU_SECONDS_PER_TFLOP * 2 / machine.cores + score / machine.cpu_flops
     ram, stage = max((quant, "quantize"), (reload, "reload and score"))
-    return Estimate(int(ram), 0, out + offload, seconds, stage, out)
+    return Estimate(int(ram), 0, out + offload, seconds, stage)
 
 
 def is_installed(module: str) -> bool:

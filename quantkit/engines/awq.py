@@ -35,6 +35,7 @@ class AWQParams(f.ParamsModel):
     group_size: int = 128
     zero_point: bool = True
     engine: Literal["gptqmodel", "autoawq"] = "gptqmodel"
+    split_max_size: f.SizeSetting = f.SPLIT_DEFAULT  # larger weights become safetensors shards
 
     @field_validator("bits")
     @classmethod
@@ -93,12 +94,13 @@ class AWQEngine:
             # with it the process); fp16 matmuls are slow on CPUs: bf16 there.
             job = gm.QuantJob(self.name, ctx.source.path, "AWQConfig", awq_config(p), examples, device,
                               backend="AWQ_TORCH" if device == "cpu" else "AUTO",
-                              dtype="bfloat16" if device == "cpu" else "float16")
+                              dtype="bfloat16" if device == "cpu" else "float16",
+                              max_file_bytes=f.parse_size(p.split_max_size))
             gm.run(job, out_dir, ctx.progress, ctx.work_dir / f"{variant.name}.gptqmodel.log",
                    offload_dir=ctx.work_dir / f"{variant.name}.offload")
         notes = gm.finish_folder(out_dir, ctx.source.path, log_dir=ctx.work_dir,
                                  log_name=f"{variant.name}.quant_log.csv")
-        gm.check_output(self.name, out_dir, expected_config(p))
+        gm.check_output(self.name, out_dir, expected_config(p), f.parse_size(p.split_max_size))
         return EngineResult(quantizer, device, notes={**gm.calibration_notes(examples), **notes})
 
     def open_model(self, folder: Path, ctx: BuildContext) -> AbstractContextManager[LogitsFn]:
@@ -109,7 +111,8 @@ class AWQEngine:
         p: AWQParams = variant.params  # type: ignore[assignment]
         # The scale search runs the layer ~20 times per module group: measured 6.5x GPTQ's
         # time on SmolLM2-135M (1676 s against 259 s), i.e. about 13 passes to GPTQ's 2.
-        return gm.estimate(shape, work, machine, p.bits, p.group_size, passes=13)
+        return gm.estimate(shape, work, machine, p.bits, p.group_size, passes=13,
+                           max_file_bytes=f.parse_size(p.split_max_size))
 
 
 def expected_config(p: AWQParams) -> dict[str, Any]:

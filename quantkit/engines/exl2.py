@@ -22,7 +22,7 @@ from pydantic import field_validator
 from .. import formats as f
 from ..errors import EngineError, EngineUnavailable
 from ..records import BuildContext, EngineResult, LogitsFn
-from ..sizing import PROCESS_BASE, Estimate, Machine, ModelShape, Workload, gpu_runtime_overhead
+from ..sizing import PROCESS_BASE, Estimate, Machine, ModelShape, OutputFiles, Workload, gpu_runtime_overhead
 
 if TYPE_CHECKING:
     from ..plan import Variant
@@ -118,7 +118,7 @@ class EXL2Engine:
         seconds = flops / gpu_rate if gpu_rate else float("inf")
         vram = 6 * 2 * shape.layer_params + work.calib_tokens * shape.hidden * 4 * 4
         return Estimate(int(PROCESS_BASE + 4 * shape.largest_tensor), int(vram + out), out + shape.bf16_bytes,
-                        seconds, "quantize", out)
+                        seconds, "quantize", OutputFiles(1, out, out, out))
 
     @contextmanager
     def open_model(self, folder: Path, ctx: BuildContext) -> Iterator[LogitsFn]:

@@ -1,6 +1,8 @@
 """GGUF through llama.cpp: convert the source once to a 16-bit GGUF, compute the importance
 matrix once from the calibration text, quantize every requested type from that one file,
-read each output back before it counts, and evaluate through the Python bindings.
+read each output back before it counts, split a file above `split_max_size` into llama.cpp's
+shards (`NAME-00001-of-0000N.gguf`, with llama-gguf-split), and evaluate through the Python
+bindings from the first shard, as users load it.
 
 The 16-bit GGUF and the imatrix live in the build's work_dir, keyed by everything that
 changes them (source fingerprint, llama.cpp version, calibration hash), so the variants of
@@ -21,10 +23,10 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -35,7 +37,7 @@ from pydantic import field_validator, model_validator
 from .. import formats as f
 from ..errors import EngineError, EngineUnavailable
 from ..records import BuildContext, EngineResult, LogitsFn
-from ..sizing import PROCESS_BASE, Estimate, Machine, ModelShape, Workload
+from ..sizing import PROCESS_BASE, Estimate, Machine, ModelShape, OutputFiles, Workload, pack_files
 from . import llamacpp
 
 if TYPE_CHECKING:
@@ -85,6 +87,7 @@ GGUF_TYPES: dict[str, tuple[float, bool]] = {
 class GGUFParams(f.ParamsModel):
     quant: str
     imatrix: bool = True
+    split_max_size: f.SizeSetting = f.SPLIT_DEFAULT  # larger files become llama.cpp shards
 
     @field_validator("quant")
     @classmethod
@@ -111,7 +114,47 @@ def _suffix(p: GGUFParams) -> str:
 
 
 def _gguf_file(row: f.CardRow) -> str:
-    return next((e.path for e in row.record.files if e.path.endswith(".gguf")), "")
+    return first_shard(e.path for e in row.record.files)
+
+
+# ---------------------------------------------------------------- shards
+# llama.cpp's naming (llama_split_path): PREFIX-00001-of-00003.gguf. llama.cpp, llama-cpp-python
+# and the Hub's GGUF tools are given the first part and find the others by this name.
+
+_SHARD = re.compile(r"^(?P<prefix>.+)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
+
+
+def shard_name(prefix: str, no: int, count: int) -> str:
+    """Part `no` (1-based) of `count`, named as llama-gguf-split names it."""
+    return f"{prefix}-{no:05d}-of-{count:05d}.gguf"
+
+
+def shards(files: Iterable[str]) -> list[str]:
+    """A variant's GGUF model files in load order: the one unsplit file, or every shard by number."""
+    ggufs = sorted(p for p in files if p.endswith(".gguf"))
+    parts = [p for p in ggufs if _SHARD.match(p.rsplit("/", 1)[-1])]
+    return sorted(parts, key=lambda p: int(_SHARD.match(p.rsplit("/", 1)[-1])["no"])) if parts else ggufs
+
+
+def first_shard(files: Iterable[str]) -> str:
+    """The file users pass to llama.cpp ("" when there is none)."""
+    return next(iter(shards(files)), "")
+
+
+def include_pattern(files: Iterable[str]) -> str:
+    """A glob that selects exactly this variant's model files, for `hf download REPO --include`."""
+    first = first_shard(files)
+    m = _SHARD.match(first)
+    return f"{m['prefix']}-*-of-{m['count']}.gguf" if m else first
+
+
+def _missing_shards(names: list[str]) -> list[str]:
+    """Parts a split file's name promises that the list lacks (or extra parts it has)."""
+    m = _SHARD.match(names[0]) if names else None
+    if not m:
+        return [] if len(names) == 1 else [f"{len(names)} unsplit .gguf files"]
+    want = [shard_name(m["prefix"], i, int(m["count"])) for i in range(1, int(m["count"]) + 1)]
+    return sorted(set(want) ^ set(names))
 
 
 # The Hub's rule for a GGUF file's quant type (huggingface.js `parseGGUFQuantLabel`): the last
@@ -169,7 +212,11 @@ def _card_names(row: f.CardRow, rows: list[f.CardRow]) -> dict[str, Any]:
     name = _gguf_file(row)
     tag = hub_quant_label(name) or ""
     shared = sum(hub_quant_label(_gguf_file(r)) == tag for r in rows) > 1
-    return {"gguf_file": name, "quant_tag": "" if shared else tag, "file_tag": tag}
+    files = [e.path for e in row.record.files]
+    # gguf_files: the model's files in load order (one, or every shard); gguf_include: a glob for
+    # `hf download REPO --include` that fetches exactly those.
+    return {"gguf_file": name, "quant_tag": "" if shared else tag, "file_tag": tag,
+            "gguf_files": shards(files), "gguf_include": include_pattern(files)}
 
 
 def llama_cpp_overhead(shape: ModelShape) -> int:
@@ -210,10 +257,14 @@ SPEC = f.FormatSpec(
 
 @dataclass(frozen=True)
 class Built:
-    """One quantized file, checked; `notes` become card lines."""
+    """One quantized model, checked: one file or its shards in order; `notes` become card lines."""
 
-    path: Path
+    paths: tuple[Path, ...]
     notes: dict[str, Any]
+
+    @property
+    def path(self) -> Path:
+        return self.paths[0]
 
 
 def _key(*parts: object) -> str:
@@ -395,7 +446,7 @@ def read_header(path: Path) -> dict[str, Any]:
             key, off = _read_str(mm, off)
             (vtype,) = struct.unpack_from("<I", mm, off)
             kv[key], off = _read_value(mm, off + 4, vtype)
-        tensors = []
+        tensors, sizes = [], []
         for _ in range(n_tensors):
             name, off = _read_str(mm, off)
             (nd,) = struct.unpack_from("<I", mm, off)
@@ -404,11 +455,13 @@ def read_header(path: Path) -> dict[str, Any]:
             off += 4 + 8 * nd + 12
             qtype = GGMLQuantizationType(ttype)
             block, size = GGML_QUANT_SIZES[qtype]
-            tensors.append((name, qtype.name, toff + math.prod(dims) // block * size))
+            sizes.append(math.prod(dims) // block * size)
+            tensors.append((name, qtype.name, toff + sizes[-1]))
         align = int(kv.get("general.alignment") or 32)
         data_start = off + (-off % align)
         end = data_start + max((t[2] for t in tensors), default=0)
-        return {"kv": kv, "tensors": tensors, "complete": mm.size() >= end}
+        return {"kv": kv, "tensors": tensors, "complete": mm.size() >= end, "data_start": data_start,
+                "sizes": sizes}
 
 
 def read_back(path: Path) -> dict[str, Any]:
@@ -442,6 +495,75 @@ def check(path: Path, quant: str, base: dict[str, Any], variant: str | None = No
     if bad:
         raise EngineError("gguf", f"{path.name} read back wrong: {', '.join(bad)}", variant)
     return got
+
+
+# ---------------------------------------------------------------- splitting
+
+# What a shard's header may hold beyond the unsplit file's: the three split.* keys and padding.
+SPLIT_HEADER_SLACK = 4096
+
+
+def split_budget(header: int, limit: int) -> int:
+    """Tensor bytes per shard for llama-gguf-split (whole MB, its unit), so that no shard,
+    header included, exceeds `limit`; the tool counts only tensor data against its limit."""
+    return (limit - header - SPLIT_HEADER_SLACK) // 10**6 * 10**6
+
+
+def split_file(tc: llamacpp.Toolchain, src: Path, prefix: Path, limit: int, variant: str | None = None
+               ) -> tuple[Path, ...]:
+    """Split src into PREFIX-0000i-of-0000N.gguf beside prefix, each at most `limit` bytes.
+    llama-gguf-split copies header and tensors as they are: the same input gives the same bytes."""
+    h = read_header(src)
+    budget = split_budget(h["data_start"], limit)
+    largest = max((n + (-n % 32) for n in h["sizes"]), default=0)
+    if budget < largest:
+        raise EngineError("gguf", f"split_max_size {limit / 1e6:.0f} MB is too small: the largest tensor "
+                          f"needs {largest / 1e6:.1f} MB and the metadata {h['data_start'] / 1e6:.1f} MB", variant)
+    _remove_shards(prefix)  # left by a killed run
+    res = _run([tc.splitter(), "--split", "--split-max-size", f"{budget // 10**6}M", src.resolve(),
+                prefix.resolve()])
+    parts = _shard_files(prefix)
+    if res.returncode != 0 or not parts:
+        _remove_shards(prefix)
+        raise EngineError("gguf", _explain(res, f"splitting {src.name}", prefix.parent), variant)
+    return parts
+
+
+def _shard_files(prefix: Path) -> tuple[Path, ...]:
+    found = [p.name for p in prefix.parent.glob(f"{glob_escape(prefix.name)}-*-of-*.gguf")]
+    return tuple(prefix.parent / n for n in shards(found))
+
+
+def glob_escape(name: str) -> str:
+    return re.sub(r"([*?\[])", r"[\1]", name)
+
+
+def _remove_shards(prefix: Path) -> None:
+    for p in _shard_files(prefix):
+        p.unlink(missing_ok=True)
+
+
+def check_shards(parts: tuple[Path, ...], quant: str, base: dict[str, Any], limit: int,
+                 variant: str | None = None) -> dict[str, Any]:
+    """Shards count only if they are complete, named and numbered as llama.cpp expects, each
+    within the limit, and together hold the base's tensors in the requested type."""
+    names = [p.name for p in parts]
+    bad = _missing_shards(names)
+    heads = [read_header(p) for p in parts]
+    count = heads[0]["kv"].get("split.count")
+    bad += [f"{n}: {p.stat().st_size} bytes, over split_max_size" for n, p in zip(names, parts)
+            if p.stat().st_size > limit]
+    bad += [f"{n}: split.no {h['kv'].get('split.no')}" for i, (n, h) in enumerate(zip(names, heads))
+            if h["kv"].get("split.no") != i or h["kv"].get("split.count") != count]
+    bad += [f"{n}: cut short" for n, h in zip(names, heads) if not h["complete"]]
+    if count != len(parts):
+        bad.append(f"split.count {count}, {len(parts)} files")
+    n_tensors = sum(len(h["tensors"]) for h in heads)
+    if n_tensors != base["tensors"]:
+        bad.append(f"{n_tensors} tensors in all (expected {base['tensors']})")
+    if bad:
+        raise EngineError("gguf", f"shards of {quant} read back wrong: {'; '.join(bad)}", variant)
+    return {"shards": len(parts), "largest_shard": max(p.stat().st_size for p in parts)}
 
 
 # ---------------------------------------------------------------- the engine
@@ -554,7 +676,9 @@ class GGUFEngine:
             im = self.imatrix(ctx, tc) if use_im else None
         except EngineError as e:
             raise _for_variant(e, variant.name) from None
-        _need_space(out_dir, expected_bytes(quant, ctx.source.n_params), quant, variant.name)
+        limit = f.parse_size(variant.params.split_max_size)
+        need = expected_bytes(quant, ctx.source.n_params)
+        _need_space(out_dir, 2 * need if need > limit else need, quant, variant.name)  # split: both at once
         out_dir.mkdir(parents=True, exist_ok=True)
         # A plain variant of a type that also has an imatrix one needs its own name on main.
         out = out_dir / file_name(ctx, quant + _suffix(variant.params))
@@ -571,9 +695,25 @@ class GGUFEngine:
             tmp.unlink(missing_ok=True)
             raise EngineError("gguf", _explain(res, f"quantizing to {quant}", out_dir), variant.name)
         got = check(tmp, quant, base_info, variant.name)
-        tmp.replace(out)
+        paths, split_notes = self._finish(tmp, out, limit, quant, base_info, variant.name, tc)
         seconds = round(time.monotonic() - t0, 2)
-        return Built(out, {**_notes(quant, base, got, im, tc), "quantize_seconds": seconds})
+        return Built(paths, {**_notes(quant, base, got, im, tc), **split_notes, "quantize_seconds": seconds})
+
+    def _finish(self, tmp: Path, out: Path, limit: int, quant: str, base_info: dict[str, Any],
+                variant: str, tc: llamacpp.Toolchain) -> tuple[tuple[Path, ...], dict[str, Any]]:
+        """The checked file under its name, or its shards when it is larger than the limit."""
+        if tmp.stat().st_size <= limit:
+            tmp.replace(out)
+            return (out,), {}
+        try:
+            parts = split_file(tc, tmp, out.with_suffix(""), limit, variant)
+            notes = check_shards(parts, quant, base_info, limit, variant)
+        except EngineError:
+            _remove_shards(out.with_suffix(""))
+            raise
+        finally:
+            tmp.unlink(missing_ok=True)
+        return parts, {**notes, "split_max_size": limit}
 
     def build(self, variant: Variant, ctx: BuildContext, out_dir: Path) -> EngineResult:
         """Write `{name}.{QUANT}.gguf` into out_dir; uses prepare()'s staged file when there."""
@@ -582,9 +722,9 @@ class GGUFEngine:
             raise staged
         if staged is not None:
             out_dir.mkdir(parents=True, exist_ok=True)
-            dest = out_dir / staged.path.name
-            shutil.move(staged.path, dest)
-            built = Built(dest, staged.notes)
+            for p in staged.paths:
+                shutil.move(p, out_dir / p.name)
+            built = Built(tuple(out_dir / p.name for p in staged.paths), staged.notes)
         else:
             built = self.quantize(variant, ctx, out_dir)
         notes = {k: v for k, v in built.notes.items() if k != "quantize_seconds"}
@@ -638,7 +778,7 @@ class GGUFEngine:
 
     def _take_staged(self, v: Variant, ctx: BuildContext) -> Built | EngineError | None:
         r = self._staged.pop(self._stage_dir(v, ctx), None)
-        if isinstance(r, Built) and not r.path.is_file():
+        if isinstance(r, Built) and not all(p.is_file() for p in r.paths):
             return None
         return r
 
@@ -661,17 +801,23 @@ class GGUFEngine:
         return shared_estimate(shape, work, machine)
 
     def estimate(self, variant: Variant, shape: ModelShape, work: Workload, machine: Machine) -> Estimate:
-        return variant_estimate(_check_params(variant, raise_=False)[0], shape, work, machine)
+        quant = _check_params(variant, raise_=False)[0]
+        e = variant_estimate(quant, shape, work, machine)
+        if quant not in GGUF_TYPES:
+            return e
+        return replace(e, files=output_files(quant, shape, f.parse_size(variant.params.split_max_size)))
 
     # -- evaluating
 
     @contextmanager
     def open_model(self, folder: Path, ctx: BuildContext) -> Iterator[LogitsFn]:
-        """Load the GGUF with llama-cpp-python as users do; logits for the ids as given (no BOS added)."""
-        files = sorted(folder.glob("*.gguf"))
-        if len(files) != 1:
-            raise EngineError("gguf", f"{folder} holds {len(files)} .gguf files, expected one")
-        runner = _LlamaRunner(files[0])
+        """Load the GGUF with llama-cpp-python as users do (a split one from its first shard;
+        llama.cpp opens the others); logits for the ids as given (no BOS added)."""
+        names = shards(p.name for p in folder.glob("*.gguf"))
+        if not names or (bad := _missing_shards(names)):
+            raise EngineError("gguf", f"{folder} holds no complete GGUF model: "
+                              + (", ".join(bad) if names else "no .gguf file"))
+        runner = _LlamaRunner(folder / names[0])
         try:
             yield runner
         finally:
@@ -751,8 +897,20 @@ def variant_estimate(quant: str, shape: ModelShape, work: Workload, machine: Mac
     shared = shared_estimate(shape, work, machine)
     if shared.ram > ram:
         ram, stage = shared.ram, shared.stage
-    size = int(shape.params * GGUF_TYPES[quant][0] / 8)
-    return Estimate(int(ram), 0, size, seconds, stage, size)
+    return Estimate(int(ram), 0, int(shape.params * GGUF_TYPES[quant][0] / 8), seconds, stage)
+
+
+# Header bytes per vocabulary entry (token text, score, type; merges): SmolLM2's Q8_0 header is
+# 1.79 MB for 49152 tokens (36 a token, measured); the rest of the header is small.
+HEADER_PER_TOKEN = 40
+
+
+def output_files(quant: str, shape: ModelShape, limit: int) -> OutputFiles:
+    """The files `quant` writes: llama-gguf-split's packing of the tensors (norms stay f32)."""
+    bpw = GGUF_TYPES[quant][0]
+    header = shape.vocab * HEADER_PER_TOKEN
+    sizes = [4 * n if kind == "norm" else int(n * bpw / 8) for kind, n in shape.tensors()]
+    return pack_files(sizes, max(split_budget(header, limit), 10**6), header)  # too small a limit fails the build
 
 
 # ---------------------------------------------------------------- small helpers

@@ -37,6 +37,7 @@ class GPTQParams(f.ParamsModel):
     true_sequential: bool = True
     seq_len: int | None = Field(None, ge=16)  # None: [calibration] seq_len
     engine: Literal["gptqmodel", "auto-gptq"] = "gptqmodel"
+    split_max_size: f.SizeSetting = f.SPLIT_DEFAULT  # larger weights become safetensors shards
 
     @field_validator("bits")
     @classmethod
@@ -120,7 +121,7 @@ class GPTQEngine:
             _build_gptqmodel(variant, ctx, out_dir, examples, device)
             notes = gm.finish_folder(out_dir, ctx.source.path, log_dir=ctx.work_dir,
                                      log_name=f"{variant.name}.quant_log.csv")
-        gm.check_output(self.name, out_dir, expected_config(p))
+        gm.check_output(self.name, out_dir, expected_config(p), f.parse_size(p.split_max_size))
         return EngineResult(quantizer, device, notes={"damp_percent": p.damp,
                                                       **gm.calibration_notes(examples), **notes})
 
@@ -130,7 +131,8 @@ class GPTQEngine:
 
     def estimate(self, variant: Variant, shape: ModelShape, work: Workload, machine: Machine) -> Estimate:
         p: GPTQParams = variant.params  # type: ignore[assignment]
-        return gm.estimate(shape, work, machine, p.bits, p.group_size, passes=2)  # inputs, then outputs
+        return gm.estimate(shape, work, machine, p.bits, p.group_size, passes=2,  # inputs, then outputs
+                           max_file_bytes=f.parse_size(p.split_max_size))
 
 
 def expected_config(p: GPTQParams) -> dict[str, Any]:
@@ -150,7 +152,8 @@ def gptq_config(p: GPTQParams) -> dict[str, Any]:
 def _build_gptqmodel(variant: Variant, ctx: BuildContext, out_dir: Path,
                      examples: list[dict[str, list[int]]], device: str) -> None:
     p: GPTQParams = variant.params  # type: ignore[assignment]
-    job = gm.QuantJob(GPTQEngine.name, ctx.source.path, "GPTQConfig", gptq_config(p), examples, device)
+    job = gm.QuantJob(GPTQEngine.name, ctx.source.path, "GPTQConfig", gptq_config(p), examples, device,
+                      max_file_bytes=f.parse_size(p.split_max_size))
     gm.run(job, out_dir, ctx.progress, ctx.work_dir / f"{variant.name}.gptqmodel.log",
            offload_dir=ctx.work_dir / f"{variant.name}.offload")
 

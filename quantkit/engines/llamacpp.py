@@ -1,4 +1,5 @@
-"""The llama.cpp toolchain: the HF→GGUF converter, llama-quantize/-imatrix/-perplexity, the bindings.
+"""The llama.cpp toolchain: the HF→GGUF converter, llama-quantize/-imatrix/-perplexity,
+llama-gguf-split, the bindings.
 
 Found in this order, each part on its own: an explicit directory (argument or
 `LLAMA_CPP_DIR`: a llama.cpp checkout or install), then `PATH`, then the cache
@@ -34,7 +35,11 @@ from ..errors import EngineError, EngineUnavailable
 
 PIN = "0.3.36"  # llama-cpp-python: the bindings, and the llama.cpp tree the tools are built from
 SDIST = f"llama_cpp_python-{PIN}"
-TOOLS = ("llama-quantize", "llama-imatrix", "llama-perplexity")
+SPLIT_TOOL = "llama-gguf-split"
+TOOLS = ("llama-quantize", "llama-imatrix", "llama-perplexity", SPLIT_TOOL)  # what the cached build makes
+# The split tool is needed only for files above split_max_size: a toolchain without it (a cache
+# built before it was added, a llama.cpp install of one's own) still builds everything else.
+REQUIRED_TOOLS = TOOLS[:3]
 CONVERTER = "convert_hf_to_gguf.py"
 BUILD_COMMAND = "quantkit toolchain"
 # Where a llama.cpp checkout or install keeps its executables, relative to its root.
@@ -87,6 +92,15 @@ class Toolchain:
     perplexity: Path
     converter_from: str  # "LLAMA_CPP_DIR (/x)", "PATH", "cache (/root/.cache/quantkit)"
     tools_from: str
+    split: Path | None = None  # llama-gguf-split, found beside the other tools
+
+    def splitter(self) -> Path:
+        """llama-gguf-split, or EngineUnavailable saying how to get it."""
+        if self.split is None:
+            raise EngineUnavailable("gguf", f"{SPLIT_TOOL} not found beside {self.quantize} "
+                                    f"({self.tools_from}): run `{BUILD_COMMAND}` (builds only that tool "
+                                    "when the rest is cached), or raise split_max_size above the file's size")
+        return self.split
 
     def converter_env(self) -> dict[str, str]:
         """Environment for the converter subprocess: its own gguf-py first on PYTHONPATH."""
@@ -117,10 +131,15 @@ def tool_version(tool: Path) -> str:
 
 def _tools_in(folder: Path) -> dict[str, Path] | None:
     for sub in TOOL_SUBDIRS:
-        found = {t: folder / sub / t for t in TOOLS}
-        if all(p.is_file() and os.access(p, os.X_OK) for p in found.values()):
-            return found
+        found = {t: folder / sub / t for t in REQUIRED_TOOLS}
+        if all(_executable(p) for p in found.values()):
+            split = folder / sub / SPLIT_TOOL
+            return {**found, SPLIT_TOOL: split} if _executable(split) else found
     return None
+
+
+def _executable(p: Path) -> bool:
+    return p.is_file() and os.access(p, os.X_OK)
 
 
 def _converter_in(folder: Path) -> tuple[Path, Path] | None:
@@ -131,8 +150,11 @@ def _converter_in(folder: Path) -> tuple[Path, Path] | None:
 
 
 def _tools_on_path() -> dict[str, Path] | None:
-    found = {t: shutil.which(t) for t in TOOLS}
-    return {t: Path(p) for t, p in found.items() if p} if all(found.values()) else None
+    found = {t: shutil.which(t) for t in REQUIRED_TOOLS}
+    if not all(found.values()):
+        return None
+    split = shutil.which(SPLIT_TOOL)
+    return {t: Path(p) for t, p in {**found, SPLIT_TOOL: split}.items() if p}
 
 
 def _converter_on_path() -> tuple[Path, Path] | None:
@@ -197,12 +219,12 @@ def find_toolchain(llama_cpp_dir: str | Path | None = None) -> Toolchain:
         tools, tools_from = _cached_tools(cache), f"cache ({cache})"
     if conv is None:
         conv, conv_from = _converter_in(sdist_dir(cache) / "vendor" / "llama.cpp"), f"cache ({cache})"
-    missing = ([", ".join(TOOLS)] if tools is None else []) + ([CONVERTER] if conv is None else [])
+    missing = ([", ".join(REQUIRED_TOOLS)] if tools is None else []) + ([CONVERTER] if conv is None else [])
     if missing:
         raise EngineUnavailable("gguf", f"llama.cpp not found ({' and '.join(missing)}; looked in "
                                 f"LLAMA_CPP_DIR, PATH, {cache}): run `{BUILD_COMMAND}` once (~7 min)")
     return Toolchain(conv[0], conv[1], tools["llama-quantize"], tools["llama-imatrix"],
-                     tools["llama-perplexity"], conv_from, tools_from)
+                     tools["llama-perplexity"], conv_from, tools_from, tools.get(SPLIT_TOOL))
 
 
 def bindings_version() -> str | None:
@@ -242,7 +264,10 @@ def doctor() -> tuple[DoctorRow, ...]:
         except EngineUnavailable as e:
             ver = f"version unknown: {e.reason}"
         rows = [DoctorRow("converter", True, str(tc.converter), tc.converter_from),
-                DoctorRow("tools", True, f"{tc.quantize.parent} ({ver})", tc.tools_from)]
+                DoctorRow("tools", True, f"{tc.quantize.parent} ({ver})", tc.tools_from),
+                DoctorRow("gguf-split", tc.split is not None, str(tc.split) if tc.split else
+                          f"{SPLIT_TOOL} missing (needed for files above split_max_size): run `{BUILD_COMMAND}`",
+                          tc.tools_from)]
         rows += _cpu_backend_rows(cpu_backends(tc.quantize.parent))
     bv = bindings_version()
     if bv is None:
@@ -344,9 +369,11 @@ def fetch_sdist(cache: Path, progress: Progress = _no_progress) -> Path:
 
 
 def build_tools(cache: Path, progress: Progress = _no_progress, jobs: int | None = None) -> Path:
-    """cmake-build the three tools (and the shared libraries) from the sdist; returns bin/."""
+    """cmake-build the tools (and the shared libraries) from the sdist; returns bin/."""
     out = build_dir(cache)
-    if _cached_tools(cache):
+    if cached := _cached_tools(cache):
+        if SPLIT_TOOL not in cached:
+            _build_split_tool(out, progress, jobs)
         return out / "bin"
     source = sdist_dir(cache) / "vendor" / "llama.cpp"
     if (out / "CMakeCache.txt").is_file() and not cached_build_is_pinned(cache):
@@ -356,10 +383,21 @@ def build_tools(cache: Path, progress: Progress = _no_progress, jobs: int | None
          what="configure llama.cpp", progress=progress)
     _run(["cmake", "--build", str(out), "--parallel", str(jobs or os.cpu_count() or 2),
           "--target", *TOOLS], what="build llama.cpp", progress=progress)  # ggml depends on its backends
-    if not _tools_in(out / "bin"):
-        raise EngineError("gguf", f"llama.cpp build finished but {out / 'bin'} lacks {', '.join(TOOLS)}")
+    if SPLIT_TOOL not in (_tools_in(out / "bin") or {}):
+        raise EngineError("gguf", f"llama.cpp build finished but {out / 'bin'} lacks some of "
+                          f"{', '.join(TOOLS)}")
     shutil.rmtree(wheel_dir(cache), ignore_errors=True)  # packed from the libraries just replaced
     return out / "bin"
+
+
+def _build_split_tool(out: Path, progress: Progress, jobs: int | None) -> None:
+    """A cache built before quantkit used llama-gguf-split: one more ninja target in the same
+    build folder (its one source file and a link against the existing libraries). The
+    libraries, the other tools and the wheel packed from them stay as they are."""
+    _run(["cmake", "--build", str(out), "--parallel", str(jobs or os.cpu_count() or 2), "--target", SPLIT_TOOL],
+         what=f"build {SPLIT_TOOL}", progress=progress)
+    if SPLIT_TOOL not in (_tools_in(out / "bin") or {}):
+        raise EngineError("gguf", f"{SPLIT_TOOL} build finished but {out / 'bin'} lacks it")
 
 
 def cached_wheel(cache: Path | None = None) -> Path | None:
@@ -438,7 +476,7 @@ def build_toolchain(progress: Progress = _no_progress, *, cache: Path | None = N
         for step, had, fn in (
             ("sdist", lambda: (sdist_dir(cache) / "vendor" / "llama.cpp" / CONVERTER).is_file(),
              lambda: fetch_sdist(cache, progress)),
-            ("tools", lambda: _cached_tools(cache) is not None,
+            ("tools", lambda: SPLIT_TOOL in (_cached_tools(cache) or {}),
              lambda: build_tools(cache, progress, jobs)),
             ("wheel", lambda: cached_wheel(cache) is not None, lambda: build_wheel(cache, progress)),
         ):
