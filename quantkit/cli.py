@@ -104,9 +104,10 @@ MachineOpt = Annotated[str, typer.Option("--machine", help="Estimate for: 'this'
 @app.command()
 def plan(recipe: RecipeArg,
          as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
-         machine: MachineOpt = "this") -> None:
-    """Show the variants a recipe expands to and what building them needs, without doing any work."""
-    p = _run(lambda: _plan(recipe))
+         machine: MachineOpt = "this", out_dir: OutOpt = None) -> None:
+    """Show the variants a recipe expands to and what building them needs, without doing any work
+    (after a build, the quality-gate column says which variants publish would refuse)."""
+    p = _run(lambda: _plan(recipe, out_dir))
     rp, why = _resources(p, machine)
     if as_json:
         res = rp.as_dict() if rp else None
