@@ -267,7 +267,8 @@ def _quiet_libraries() -> None:
         pass
 
 
-def _build_one(recipe: Path, out_dir: Path | None, only: list[str] | None, preflight: bool = True):
+def _build_one(recipe: Path, out_dir: Path | None, only: list[str] | None, preflight: bool = True,
+               ray: str | None = None, publish: bool = False):
     from . import pipeline
     from .source_check import check_recipe_source
 
@@ -277,6 +278,8 @@ def _build_one(recipe: Path, out_dir: Path | None, only: list[str] | None, prefl
     with _locked(p.out_dir, "build"):  # first: a refused run prints only why
         if p.recipe.calibration.dataset is None:
             err.print("• calibration: the German sample shipped in calibration/ (no \\[calibration] dataset set)")
+        if ray is not None:
+            return p, _build_on_ray(p, only, ray, publish)
         with _progress() as rep:
             res = pipeline.build(p, only=only, report=rep, preflight=preflight)
     return p, res
@@ -286,10 +289,78 @@ NoPreflightOpt = Annotated[bool, typer.Option("--no-preflight", help="Build even
                                               "this machine lacks the RAM or disk.")]
 
 
+# ---------------------------------------------------------------- --ray (quantkit.cluster)
+
+RayOpt = Annotated[str | None, typer.Option(
+    "--ray", metavar="[ADDRESS]", show_default=False,
+    help="Build the variants as Ray tasks: on the cluster at ADDRESS ('auto': the one `ray start` "
+         "runs on this machine; 'ray://HOST:10001'), or, with no ADDRESS or 'local', on a cluster "
+         "started on this machine for this run.")]
+
+
+def _ray_argv(argv: list[str]) -> list[str]:
+    """A bare `--ray` (last, or before an option or a recipe file) means `--ray=local`:
+    typer's parser has no options with an optional value."""
+    def bare(i: int) -> bool:
+        nxt = argv[i + 1] if i + 1 < len(argv) else None
+        return nxt is None or nxt.startswith("-") or nxt.endswith(".toml") or Path(nxt).is_file()
+
+    return ["--ray=local" if a == "--ray" and bare(i) else a for i, a in enumerate(argv)]
+
+
+class _ClusterView:
+    """One live table on the driver: each variant's state, the node it runs on, its step."""
+
+    def __init__(self) -> None:
+        self.rows: dict[str, dict[str, str]] = {}
+        self.live: Any = None
+
+    def __call__(self, ev) -> None:
+        if ev.kind in ("stage", "warn"):
+            line = f"[bold]•[/bold] {escape(ev.task)}" if ev.kind == "stage" else \
+                f"[yellow]warning:[/yellow] {escape(ev.message)}"
+            self.live.console.print(line, highlight=False)
+            return
+        row = self.rows.setdefault(ev.variant, {"state": "", "node": "", "runs": "0", "step": "", "note": ""})
+        if ev.kind == "queued":
+            row.update(state="queued", note=ev.message)
+        elif ev.kind == "node":  # a task began on a node; a second time means Ray retried it
+            runs = int(row["runs"]) + 1
+            row.update(state="running" if runs == 1 else f"retry {runs - 1}", node=ev.message, runs=str(runs),
+                       step="", note="")
+        elif ev.kind == "start":
+            row["note"] = ev.message
+        elif ev.kind == "task":
+            row["step"] = f"{ev.task} {ev.done}/{ev.total}" if ev.total else ev.task
+        elif ev.kind in ("done", "skip", "fail"):
+            row.update(state={"done": "[green]done[/green]", "skip": "up to date", "fail": "[red]failed[/red]"}[ev.kind],
+                       step="", note=ev.message)
+
+    def table(self) -> Table:
+        t = Table(title="variants on the Ray cluster")
+        for col in ("variant", "state", "node", "step", "note"):
+            t.add_column(col, no_wrap=col != "note", overflow="fold")
+        for name, r in self.rows.items():
+            t.add_row(name, r["state"], r["node"], r["step"], escape(r["note"]))
+        return t
+
+
+def _build_on_ray(p: Any, only: list[str] | None, address: str, publish: bool):
+    from rich.live import Live
+
+    from . import cluster
+
+    view = _ClusterView()
+    with cluster.connect(address), Live(console=err, get_renderable=view.table, refresh_per_second=4) as live:
+        view.live = live
+        return cluster.build(p, only=only, report=view, publish=publish)
+
+
 @app.command()
-def build(recipe: RecipeArg, out_dir: OutOpt = None, only: OnlyOpt = None, no_preflight: NoPreflightOpt = False) -> None:
+def build(recipe: RecipeArg, out_dir: OutOpt = None, only: OnlyOpt = None, no_preflight: NoPreflightOpt = False,
+          ray: RayOpt = None) -> None:
     """Calibrate, quantize, evaluate, size and write cards for every variant."""
-    p, res = _run(lambda: _build_one(recipe, out_dir, only, not no_preflight))
+    p, res = _run(lambda: _build_one(recipe, out_dir, only, not no_preflight, ray))
     out.print(_summary(res.manifest, [v.name for v in p.select(only)]))
     out.print(f"manifest: {p.out_dir / 'manifest.json'}")
     if res.failed:
@@ -387,11 +458,13 @@ def _print_publish(report: Any, dry_run: bool) -> None:
 @app.command()
 def batch(recipes: Annotated[list[Path], typer.Argument(help="Recipe files.")],
           out_dir: Annotated[Path, typer.Option("--out", help="Each recipe builds into OUT/<model name>/.")] = Path("build"),
-          do_publish: Annotated[bool, typer.Option("--publish", help="Publish each after building.")] = False) -> None:
+          do_publish: Annotated[bool, typer.Option("--publish", help="Publish each after building.")] = False,
+          ray: RayOpt = None) -> None:
     """Build (and publish) many recipes, going on past a failed one."""
     results: list[tuple[str, str]] = []
-    for r in recipes:
-        results.append((str(r), _batch_one(r, out_dir, do_publish)))
+    with _ray_cluster(ray):  # one cluster for the whole batch; with --publish, workers push
+        for r in recipes:
+            results.append((str(r), _batch_one(r, out_dir, do_publish, ray)))
     t = Table(title="batch")
     t.add_column("recipe")
     t.add_column("result")
@@ -402,15 +475,29 @@ def batch(recipes: Annotated[list[Path], typer.Argument(help="Recipe files.")],
         raise typer.Exit(1)
 
 
-def _batch_one(recipe: Path, out_dir: Path, do_publish: bool) -> str:
+@contextmanager
+def _ray_cluster(address: str | None) -> Iterator[None]:
+    if address is None:
+        yield
+        return
+    from contextlib import ExitStack
+
+    from . import cluster
+
+    with ExitStack() as stack:  # a cluster that cannot start is one line and exit 1, as for build
+        _run(lambda: stack.enter_context(cluster.connect(address)))
+        yield
+
+
+def _batch_one(recipe: Path, out_dir: Path, do_publish: bool, ray: str | None = None) -> str:
     try:
         from .recipe import load_recipe
 
         name = load_recipe(recipe).model.model_name
-        p, res = _build_one(recipe, out_dir / name, None)
+        p, res = _build_one(recipe, out_dir / name, None, ray=ray, publish=do_publish)
         if res.failed:
             return "failed: " + "; ".join(f"{k}: {v}" for k, v in res.failed.items())
-        if do_publish:
+        if do_publish and ray is None:  # with --ray the workers published their own branches
             report = _publish_one(recipe, out_dir / name, None, False)
             _print_publish(report, False)
             report.raise_for_errors()
@@ -548,7 +635,7 @@ class _TaskEvent:
 
 
 def main() -> None:
-    app()
+    app(args=_ray_argv(sys.argv[1:]))
 
 
 if __name__ == "__main__":
