@@ -204,7 +204,9 @@ class _Sender:
 
 def _where() -> str:
     ray = _ray()
-    return f"{socket.gethostname()} {ray.util.get_node_ip_address()} ({ray.get_runtime_context().get_node_id()[:8]})"
+    # The pid lets an operator find (or kill) the worker that holds a variant.
+    return (f"{socket.gethostname()} {ray.util.get_node_ip_address()} "
+            f"({ray.get_runtime_context().get_node_id()[:8]}) pid {os.getpid()}")
 
 
 def _use_assigned_cores() -> None:
