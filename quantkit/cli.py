@@ -333,7 +333,7 @@ class _ClusterView:
         elif ev.kind == "task":
             row["step"] = f"{ev.task} {ev.done}/{ev.total}" if ev.total else ev.task
         elif ev.kind in ("done", "skip", "fail"):
-            row.update(state={"done": "[green]done[/green]", "skip": "up to date", "fail": "[red]failed[/red]"}[ev.kind],
+            row.update(state={"done": "[green]done[/green]", "skip": "skipped", "fail": "[red]failed[/red]"}[ev.kind],
                        step="", note=ev.message)
 
     def table(self) -> Table:
