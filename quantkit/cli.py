@@ -268,7 +268,7 @@ def _quiet_libraries() -> None:
 
 
 def _build_one(recipe: Path, out_dir: Path | None, only: list[str] | None, preflight: bool = True,
-               ray: str | None = None, publish: bool = False):
+               ray: str | None = None):
     from . import pipeline
     from .source_check import check_recipe_source
 
@@ -279,7 +279,7 @@ def _build_one(recipe: Path, out_dir: Path | None, only: list[str] | None, prefl
         if p.recipe.calibration.dataset is None:
             err.print("• calibration: the German sample shipped in calibration/ (no \\[calibration] dataset set)")
         if ray is not None:
-            return p, _build_on_ray(p, only, ray, publish)
+            return p, _build_on_ray(p, only, ray)
         with _progress() as rep:
             res = pipeline.build(p, only=only, report=rep, preflight=preflight)
     return p, res
@@ -345,7 +345,7 @@ class _ClusterView:
         return t
 
 
-def _build_on_ray(p: Any, only: list[str] | None, address: str, publish: bool):
+def _build_on_ray(p: Any, only: list[str] | None, address: str):
     from rich.live import Live
 
     from . import cluster
@@ -353,7 +353,7 @@ def _build_on_ray(p: Any, only: list[str] | None, address: str, publish: bool):
     view = _ClusterView()
     with cluster.connect(address), Live(console=err, get_renderable=view.table, refresh_per_second=4) as live:
         view.live = live
-        return cluster.build(p, only=only, report=view, publish=publish)
+        return cluster.build(p, only=only, report=view)
 
 
 @app.command()
@@ -461,10 +461,10 @@ def batch(recipes: Annotated[list[Path], typer.Argument(help="Recipe files.")],
           do_publish: Annotated[bool, typer.Option("--publish", help="Publish each after building.")] = False,
           ray: RayOpt = None) -> None:
     """Build (and publish) many recipes, going on past a failed one."""
-    results: list[tuple[str, str]] = []
-    with _ray_cluster(ray):  # one cluster for the whole batch; with --publish, workers push
-        for r in recipes:
-            results.append((str(r), _batch_one(r, out_dir, do_publish, ray)))
+    if ray is not None:  # one cluster, every recipe in flight at once; with --publish, workers push
+        results = _batch_on_ray(recipes, out_dir, do_publish, ray)
+    else:
+        results = [(str(r), _batch_one(r, out_dir, do_publish)) for r in recipes]
     t = Table(title="batch")
     t.add_column("recipe")
     t.add_column("result")
@@ -475,29 +475,55 @@ def batch(recipes: Annotated[list[Path], typer.Argument(help="Recipe files.")],
         raise typer.Exit(1)
 
 
-@contextmanager
-def _ray_cluster(address: str | None) -> Iterator[None]:
-    if address is None:
-        yield
-        return
+def _batch_on_ray(recipes: list[Path], out_dir: Path, do_publish: bool, address: str) -> list[tuple[str, str]]:
+    """Every recipe's variants on one cluster, recipes overlapping (cluster.build_many)."""
     from contextlib import ExitStack
+    from dataclasses import replace
+
+    from rich.live import Live
 
     from . import cluster
+    from .recipe import load_recipe
+    from .source_check import check_recipe_source
 
-    with ExitStack() as stack:  # a cluster that cannot start is one line and exit 1, as for build
+    _quiet_libraries()
+    why: dict[Path, str] = {}
+    plans = []
+    with ExitStack() as stack:
+        for r in recipes:
+            try:
+                p = _plan(r, out_dir / load_recipe(r).model.model_name)
+                check_recipe_source(p.recipe)
+                stack.enter_context(_locked(p.out_dir, "batch"))
+                plans.append((r, p))
+            except QuantkitError as e:
+                err.print(f"[red]error:[/red] {escape(f'{r}: {e}')}", highlight=False)
+                why[r] = f"failed: {e}"
+        view = _ClusterView()
+
+        def labelled(name: str) -> Any:  # rows read model/variant: recipes share variant names
+            return lambda ev: view(replace(ev, variant=f"{name}/{ev.variant}") if ev.variant else ev)
+
         _run(lambda: stack.enter_context(cluster.connect(address)))
-        yield
+        with Live(console=err, get_renderable=view.table, refresh_per_second=4) as live:
+            view.live = live
+            got = cluster.build_many([p for _, p in plans], reports=[labelled(p.recipe.model.model_name)
+                                                                     for _, p in plans], publish=do_publish)
+    for (r, _), res in zip(plans, got):
+        failed = res.failed if not isinstance(res, QuantkitError) else {"recipe": str(res)}
+        why[r] = "failed: " + "; ".join(f"{k}: {v}" for k, v in failed.items()) if failed else "ok"
+    return [(str(r), why[r]) for r in recipes]
 
 
-def _batch_one(recipe: Path, out_dir: Path, do_publish: bool, ray: str | None = None) -> str:
+def _batch_one(recipe: Path, out_dir: Path, do_publish: bool) -> str:
     try:
         from .recipe import load_recipe
 
         name = load_recipe(recipe).model.model_name
-        p, res = _build_one(recipe, out_dir / name, None, ray=ray, publish=do_publish)
+        p, res = _build_one(recipe, out_dir / name, None)
         if res.failed:
             return "failed: " + "; ".join(f"{k}: {v}" for k, v in res.failed.items())
-        if do_publish and ray is None:  # with --ray the workers published their own branches
+        if do_publish:
             report = _publish_one(recipe, out_dir / name, None, False)
             _print_publish(report, False)
             report.raise_for_errors()

@@ -289,22 +289,92 @@ def build(plan: Plan, *, only: list[str] | None = None, report: Reporter = pipel
           publish: bool = False) -> BuildResult:
     """pipeline.build with the variants as Ray tasks; call inside `connect()`.
     Skips what the manifest proves done, as without Ray; failures are recorded, not raised."""
+    got = build_many([plan], only=only, reports=[report], publish=publish)[0]
+    if isinstance(got, QuantkitError):
+        raise got
+    return got
+
+
+def build_many(plans: list[Plan], *, only: list[str] | None = None, reports: list[Reporter] | None = None,
+               publish: bool = False) -> list[BuildResult | QuantkitError]:
+    """Several recipes at once: while the driver prepares one recipe's shared inputs, the
+    tasks of the recipes before it already run, so the cluster does not idle between recipes.
+    One result per plan: its BuildResult, or the error that stopped that recipe."""
+    reports = reports or [pipeline._quiet] * len(plans)
+    results: list[BuildResult | QuantkitError | None] = [None] * len(plans)
+    started: list[tuple[int, _Started]] = []
+    try:
+        for i, plan in enumerate(plans):
+            try:
+                started.append((i, _start(plan, only, reports[i], publish)))
+            except QuantkitError as e:
+                results[i] = e
+            _advance([s.driver for _, s in started if s.driver], timeout=0)
+        drivers = [s.driver for _, s in started if s.driver]
+        while any(d.pending for d in drivers):
+            _advance(drivers, timeout=POLL_S)
+    except BaseException:  # Ctrl-C or a driver failure: no task keeps running for nobody
+        for _, s in started:
+            if s.driver:
+                s.driver.cancel()
+        raise
+    finally:
+        for _, s in started:
+            if s.driver:
+                s.driver.close()
+    for i, s in started:
+        try:
+            results[i] = s.finish()
+        except QuantkitError as e:
+            results[i] = e
+    return [r for r in results if r is not None]
+
+
+@dataclass
+class _Started:
+    """One recipe in flight: its manifest so far and, when any variant is to build, its driver."""
+
+    plan: Plan
+    manifest: Manifest
+    skipped: list[str]
+    report: Reporter
+    driver: _Driver | None
+
+    def finish(self) -> BuildResult:
+        m, built, failed = (self.driver.manifest, self.driver.built, self.driver.failed) if self.driver \
+            else (self.manifest, [], {})
+        m = pipeline._cards(self.plan, m, self.report)
+        return BuildResult(m, tuple(built), tuple(self.skipped), failed)
+
+
+def _start(plan: Plan, only: list[str] | None, report: Reporter, publish: bool) -> _Started:
+    """Shared inputs on the driver (source, calibration, reference logits), then the tasks."""
     variants = plan.select(only)
     inputs = pipeline.prepare(plan, report)
     manifest = pipeline.start_manifest(plan, inputs)
     todo = [v for v in variants if not _done(v, inputs, manifest, publish)]
-    for v in variants:
-        if v not in todo:
-            report(Event("skip", v.name, message="up to date"))
-    built: list[str] = []
-    failed: dict[str, str] = {}
-    if todo:
-        es, ref = inputs.ensure_reference()
-        shared = Shared(plan, inputs.source, inputs.calib, es, replace(ref, logprobs=np.asarray(ref.logprobs)), publish)
-        manifest, built, failed = _Driver(shared, manifest, report).run(todo)
     skipped = [v.name for v in variants if v not in todo]
-    manifest = pipeline._cards(plan, manifest, report)
-    return BuildResult(manifest, tuple(built), tuple(skipped), failed)
+    for name in skipped:
+        report(Event("skip", name, message="up to date"))
+    if not todo:
+        return _Started(plan, manifest, skipped, report, None)
+    es, ref = inputs.ensure_reference()
+    shared = Shared(plan, inputs.source, inputs.calib, es, replace(ref, logprobs=np.asarray(ref.logprobs)), publish)
+    driver = _Driver(shared, manifest, report)
+    driver.submit_all(todo)
+    return _Started(plan, manifest, skipped, report, driver)
+
+
+def _advance(drivers: list[_Driver], timeout: float) -> None:
+    """Wait up to `timeout` for any task of any recipe; hand what finished to its driver."""
+    owner = {ref: d for d in drivers for ref in d.pending}
+    if not owner:
+        return
+    ready, _ = _ray().wait(list(owner), num_returns=len(owner), timeout=timeout)
+    for d in drivers:
+        d.drain()
+    for ref in ready:
+        owner[ref].on_ready(ref)
 
 
 def _done(v: Variant, inputs: pipeline._Inputs, m: Manifest, publish: bool) -> bool:
@@ -340,24 +410,19 @@ class _Driver:
         self.node_of: dict[str, str] = {}  # format -> node that did its shared work
         self.remote = {fn: ray.remote(fn) for fn in (run_variant, run_shared, run_release)}
 
-    def run(self, todo: list[Variant]) -> tuple[Manifest, list[str], dict[str, str]]:
-        try:
-            self._submit_all(todo)
-            while self.pending:
-                ready, _ = self.ray.wait(list(self.pending), num_returns=1, timeout=POLL_S)
-                self._drain()
-                for ref in ready:
-                    self._finished(ref, *self.pending.pop(ref))
-            self._drain()
-        except BaseException:  # Ctrl-C or a driver failure: no task keeps running for nobody
-            for ref in self.pending:
-                self.ray.cancel(ref, force=True)
-            raise
-        finally:
-            self.ray.kill(self.mailbox)
-        return self.manifest, self.built, self.failed
+    def on_ready(self, ref: Any) -> None:
+        self._finished(ref, *self.pending.pop(ref))
+        if not self.pending:
+            self.drain()  # the workers flushed before returning: this is the last of it
 
-    def _submit_all(self, todo: list[Variant]) -> None:
+    def cancel(self) -> None:
+        for ref in self.pending:
+            self.ray.cancel(ref, force=True)
+
+    def close(self) -> None:
+        self.ray.kill(self.mailbox)
+
+    def submit_all(self, todo: list[Variant]) -> None:
         notes: set[str] = set()
         for v in todo:
             self.left[v.format] = self.left.get(v.format, 0) + 1
@@ -437,7 +502,7 @@ class _Driver:
         self.pending[self.remote[run_release].options(**opts).remote(self.shared_ref, v.format, v.name)] = \
             ("release", v.format)
 
-    def _drain(self) -> None:
+    def drain(self) -> None:
         for item in self.ray.get(self.mailbox.take.remote()):
             if isinstance(item, _Record):
                 if item.name not in self.finished:  # a late copy never undoes the final record

@@ -18,6 +18,7 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
+from _hub_fixtures import hub  # noqa: E402, F401 - the local Hub server fixture
 from quantkit import cluster  # noqa: E402
 from quantkit.cli import _ray_argv  # noqa: E402
 from quantkit.manifest import load_manifest  # noqa: E402
@@ -217,3 +218,28 @@ def test_ctrl_c_cancels_the_tasks_and_stops_the_cluster(tiny_llama: Path, tmp_pa
     assert not _wait_gone(_ray_pids() - before), "tasks or the cluster outlived Ctrl-C"
     m = load_manifest(out)
     assert m is None or not any(r.at_least("evaluated") for r in m.variants.values())
+
+
+@pytest.mark.slow
+def test_batch_on_ray_runs_recipes_together_and_workers_publish(tiny_llama: Path, tmp_path: Path, hub) -> None:
+    """`batch --ray --publish`: two recipes on one local cluster; each worker pushes its own
+    variant's branch to the (local) Hub; the driver records the commits in each manifest."""
+    recipes = []
+    for name in ("tiny_a", "tiny_b"):
+        (tmp_path / name).mkdir()
+        r = _recipe(tmp_path / name, tiny_llama, '[[variants]]\nformat = "gptq"\nbits = 8\ngroup_size = 32\n')
+        r.write_text(r.read_text().replace('name = "tiny"', f'name = "{name}"'))
+        recipes.append(r)
+    before = _ray_pids()
+    res = subprocess.run([*QUANTKIT, "batch", *map(str, recipes), "--out", str(tmp_path / "build"), "--ray",
+                          "--publish"], env=_env(), capture_output=True, text=True, timeout=LIMIT_S)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert not _wait_gone(_ray_pids() - before), "the local cluster outlived the batch"
+    for name in ("tiny_a", "tiny_b"):
+        m = load_manifest(tmp_path / "build" / name)
+        assert m is not None
+        rec = m.variants["gptq-8bit-32g-actorder_True"]
+        assert rec.state in ("published", "carded") and rec.published and rec.published["commit"]
+        assert rec.published["repo"] == f"me/{name}-GPTQ"
+    assert len(hub.requests("POST", "/commit/")) == 2
+    assert "tiny_a/gptq-8bit-32g-actorder_True" in res.stderr  # one view, rows named by recipe
