@@ -372,7 +372,8 @@ def _advance(drivers: list[_Driver], timeout: float) -> None:
         return
     ready, _ = _ray().wait(list(owner), num_returns=len(owner), timeout=timeout)
     for d in drivers:
-        d.drain()
+        if d.pending:
+            d.drain()
     for ref in ready:
         owner[ref].on_ready(ref)
 
@@ -414,6 +415,7 @@ class _Driver:
         self._finished(ref, *self.pending.pop(ref))
         if not self.pending:
             self.drain()  # the workers flushed before returning: this is the last of it
+            self.shared_ref = None  # frees the object store's copy of the reference logits
 
     def cancel(self) -> None:
         for ref in self.pending:
