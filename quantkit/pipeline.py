@@ -146,10 +146,19 @@ class _Inputs:
     report: Reporter
     eval_set: EvalSet | None = None
     reference: Reference | None = None
+    # Where each finished step's record goes. None: straight into manifest.json. A Ray worker
+    # (cluster.py) hands records to the driver instead, the one writer of the manifest.
+    record_sink: Callable[[str, VariantRecord], None] | None = None
 
     @property
     def work_dir(self) -> Path:
         return self.plan.out_dir / WORK
+
+    def save(self, m: Manifest, name: str) -> None:
+        if self.record_sink is None:
+            save_manifest(self.plan.out_dir, m)
+        else:
+            self.record_sink(name, m.variants[name])
 
     def context(self, v: Variant) -> BuildContext:
         def progress(task: str, done: int, total: int | None) -> None:
@@ -219,29 +228,45 @@ def build(plan: Plan, *, only: list[str] | None = None, report: Reporter = _quie
     if preflight:
         check_resources(plan, variants, report)
     inputs = prepare(plan, report)
+    manifest = start_manifest(plan, inputs)
+    built, skipped, failed = [], [], {}
+    _prepare_engines(variants, inputs, manifest)
+    last_of_format = {v.format: v.name for v in variants}
+    for v in variants:
+        manifest, outcome = build_one(v, inputs, manifest)
+        if outcome == "failed":
+            failed[v.name] = manifest.variants[v.name].error or "failed"
+        else:
+            (built if outcome == "built" else skipped).append(v.name)
+        if last_of_format[v.format] == v.name:
+            _release_engine(v, inputs)
+    manifest = _cards(plan, manifest, report)
+    return BuildResult(manifest, tuple(built), tuple(skipped), failed)
+
+
+def start_manifest(plan: Plan, inputs: _Inputs) -> Manifest:
+    """The manifest on disk (or a new one) with this build's source and calibration, saved."""
     manifest = load_manifest(plan.out_dir) or Manifest(recipe_sha256(plan.recipe), {})
     src = inputs.source
     manifest = replace(manifest, recipe_sha256=recipe_sha256(plan.recipe), calibration=_calib_info(inputs.calib),
                        source=SourceRecord(src.id, src.revision, src.fingerprint, src.n_params, src.architecture,
                                            __version__))
     save_manifest(plan.out_dir, manifest)
-    built, skipped, failed = [], [], {}
-    _prepare_engines(variants, inputs, manifest)
-    last_of_format = {v.format: v.name for v in variants}
-    for v in variants:
-        try:
-            manifest, did = _one_variant(v, inputs, manifest)
-            (built if did else skipped).append(v.name)
-        except (QuantkitError, MemoryError, RuntimeError, OSError, ValueError) as e:
-            reason = _reason(e)
-            failed[v.name] = reason
-            manifest = manifest.with_variant(v.name, _failed_record(v, manifest, reason))
-            save_manifest(plan.out_dir, manifest)
-            report(Event("fail", v.name, message=reason))
-        if last_of_format[v.format] == v.name:
-            _release_engine(v, inputs)
-    manifest = _cards(plan, manifest, report)
-    return BuildResult(manifest, tuple(built), tuple(skipped), failed)
+    return manifest
+
+
+def build_one(v: Variant, inputs: _Inputs, manifest: Manifest) -> tuple[Manifest, str]:
+    """Build and evaluate one variant given the shared inputs: (manifest, "built"|"skipped"|"failed").
+    A failure of the variant's own is recorded (state failed, with the reason), never raised."""
+    try:
+        manifest, did = _one_variant(v, inputs, manifest)
+        return manifest, "built" if did else "skipped"
+    except (QuantkitError, MemoryError, RuntimeError, OSError, ValueError) as e:
+        reason = _reason(e)
+        manifest = manifest.with_variant(v.name, _failed_record(v, manifest, reason))
+        inputs.save(manifest, v.name)
+        inputs.report(Event("fail", v.name, message=reason))
+        return manifest, "failed"
 
 
 def check_resources(plan: Plan, variants: tuple[Variant, ...], report: Reporter = _quiet) -> None:
@@ -383,11 +408,11 @@ def _one_variant(v: Variant, inputs: _Inputs, m: Manifest) -> tuple[Manifest, bo
                             art.size_bytes, art.bits_per_weight, None, round(art.seconds, 2),
                             engine.name, version, art.result.note_dict())
         m = m.with_variant(v.name, rec)
-        save_manifest(inputs.plan.out_dir, m)
+        inputs.save(m, v.name)
     assert rec is not None
     q = _evaluate(v, inputs, engine, folder)
     m = m.with_variant(v.name, replace(rec, state="evaluated", quality=_rounded(q), error=None))
-    save_manifest(inputs.plan.out_dir, m)
+    inputs.save(m, v.name)
     inputs.report(Event("done", v.name, message=f"ΔPPL {q.delta_ppl_pct:+.2f} %, KLD {q.kld:.4f}"))
     return m, True
 

@@ -48,6 +48,7 @@ NO_IMATRIX_USE = (*FLOAT_TYPES, "Q8_0")  # llama.cpp ignores an imatrix for thes
 IMATRIX_CTX = 512  # llama-imatrix's default chunk length; shorter only when the text is short
 MIN_FREE_AFTER_FAIL = 64 << 20  # a failed write with less free than this is a full disk
 MB = 1 << 20
+RAY_CPUS = 4  # cores per GGUF task on a Ray cluster: llama-quantize and scoring use them all
 
 # Llama, needs an importance matrix). Approximate values are llama.cpp's own table.
 GGUF_TYPES: dict[str, tuple[float, bool]] = {
@@ -794,6 +795,19 @@ class GGUFEngine:
             self._base_info.clear()
             self._staged.clear()
         return gone
+
+    # -- on a Ray cluster (quantkit.cluster)
+
+    def ray_resources(self) -> dict[str, float]:
+        """One type's task: CPU cores, no GPU (cluster.py clamps to the largest node)."""
+        return {"num_cpus": RAY_CPUS}
+
+    def prepare_shared(self, variants: Sequence[Variant], ctx: BuildContext) -> None:
+        """Only the shared part of prepare(): convert and imatrix once; the types then fan
+        out as separate tasks that find both files in ctx.work_dir."""
+        todo = [v for v in variants if v.format == "gguf"]
+        if todo:
+            self._prepare_shared(todo, ctx, self.toolchain())
 
     # -- resource estimates (quantkit.resources)
 
