@@ -24,12 +24,12 @@ ARG CPU_BASE=debian:bookworm-slim
 FROM ${CUDA_BASE} AS os-cuda
 # PyPI's Linux torch is the CUDA build.
 ARG TORCH_INDEX_CUDA=https://pypi.org/simple
-ENV QK_TORCH_INDEX=${TORCH_INDEX_CUDA} QK_EXTRAS=gptq,gguf,exl2 \
+ENV QK_TORCH_INDEX=${TORCH_INDEX_CUDA} QK_EXTRAS=gptq,gguf,exl2,ray \
     QUANTKIT_LLAMA_CUDA=1 CUDA_HOME=/usr/local/cuda
 
 FROM ${CPU_BASE} AS os-cpu
 ARG TORCH_INDEX_CPU=https://download.pytorch.org/whl/cpu
-ENV QK_TORCH_INDEX=${TORCH_INDEX_CPU} QK_EXTRAS=gptq,gguf QUANTKIT_LLAMA_CUDA=0
+ENV QK_TORCH_INDEX=${TORCH_INDEX_CPU} QK_EXTRAS=gptq,gguf,ray QUANTKIT_LLAMA_CUDA=0
 
 # What the dependency and toolchain layers read, so that editing the package rebuilds neither.
 FROM scratch AS deps-context
