@@ -100,7 +100,8 @@ def _plan(recipe: Path, out_dir: Path | None = None):
 # ---------------------------------------------------------------- plan
 
 
-MachineOpt = Annotated[str, typer.Option("--machine", help="Estimate for: 'this' machine, or 'h100' (one H100 80GB server).")]
+MachineOpt = Annotated[str, typer.Option("--machine", help="Estimate for: 'this' machine, or 'h100' "
+                                                           "(one H100 80GB server).")]
 
 
 @app.command()
@@ -516,7 +517,8 @@ def _print_publish(report: Any, dry_run: bool) -> None:
 
 @app.command()
 def batch(recipes: Annotated[list[Path], typer.Argument(help="Recipe files.")],
-          out_dir: Annotated[Path, typer.Option("--out", help="Each recipe builds into OUT/<model name>/.")] = Path("build"),
+          out_dir: Annotated[Path, typer.Option("--out", help="Each recipe builds into OUT/<model name>/.")
+                             ] = Path("build"),
           do_publish: Annotated[bool, typer.Option("--publish", help="Publish each after building.")] = False,
           ray: RayOpt = None) -> None:
     """Build (and publish) many recipes, going on past a failed one."""

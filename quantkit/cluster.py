@@ -107,7 +107,8 @@ def connect(address: str | None = LOCAL, *, num_cpus: int | None = None) -> Iter
         else:
             ray.init(address=address, **kw)
     except (ConnectionError, RuntimeError, ValueError, TimeoutError) as e:
-        raise ClusterError(address or LOCAL, str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__) from None
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ClusterError(address or LOCAL, first) from None
     try:
         yield
     finally:
@@ -424,7 +425,8 @@ class _Driver:
             notes.update(task_resources(fmt, self.most)[1])
             if hasattr(ENGINES[fmt], "prepare_shared"):
                 self.waiting[fmt] = mine
-                self._submit(run_shared, ("shared", fmt), fmt, self.shared_ref, fmt, [v.name for v in mine], self.mailbox)
+                self._submit(run_shared, ("shared", fmt), fmt, self.shared_ref, fmt, [v.name for v in mine],
+                             self.mailbox)
                 for v in mine:
                     self.report(Event("queued", v.name, message=f"after {fmt} shared work"))
             else:
@@ -447,7 +449,8 @@ class _Driver:
         # soft: if that node is gone, run elsewhere and redo the shared work there.
         strategy = _near(node) if node and self.shared.publish else None
         res, _ = task_resources(v.format, self.most)
-        self.report(Event("queued", v.name, message=" ".join(f"{k.removeprefix('num_')}={n:g}" for k, n in res.items())))
+        needs = " ".join(f"{k.removeprefix('num_')}={n:g}" for k, n in res.items())
+        self.report(Event("queued", v.name, message=needs))
         self._submit(run_variant, ("variant", v.name), v.format, self.shared_ref, v.name, self.manifest,
                      self.mailbox, strategy=strategy)
         if node:

@@ -32,7 +32,4 @@ def hf_logits(path: Path, *, dtype: str = "float32", device: str = "cpu",
             x = torch.as_tensor(ids, dtype=torch.long, device=model.device)[None]
             return model(input_ids=x).logits[0].float().cpu().numpy()
 
-    try:
-        yield fn
-    finally:
-        del model
+    yield fn  # the model goes with this generator's frame when the with-block ends

@@ -130,7 +130,6 @@ def _owner(block: Any, name: str) -> tuple[Any, str]:
 
 def _empty_model(path: Path, dtype: Any, device: str) -> Any:
     """The architecture with meta parameters and real buffers (RoPE tables are computed)."""
-    import torch
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 

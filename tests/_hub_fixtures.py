@@ -12,16 +12,16 @@ import random
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hub_server import HubServer, use_hub
 
-from quantkit.records import CalibrationRecord, QualityRecord, SourceRecord
 from quantkit.engines import gguf
-from quantkit.records import file_entries
 from quantkit.manifest import Manifest, VariantRecord
 from quantkit.plan import Plan, Variant, make_plan
 from quantkit.recipe import parse_recipe
+from quantkit.records import CalibrationRecord, QualityRecord, SourceRecord, file_entries
 
 # 3 GPTQ branches + 2 GGUF types; the owner comes from the token (whoami).
 DEMO_RECIPE = """
@@ -177,3 +177,21 @@ def no_backoff(monkeypatch: pytest.MonkeyPatch) -> list[float]:
     monkeypatch.setattr(hf_http, "time", types.SimpleNamespace(sleep=lambda s: None))
     monkeypatch.setattr(publish, "_sleep", waits.append)
     return waits
+
+
+def carded_build(root: Path, **kw: Any) -> Build:
+    """fabricate_build with the cards written, as `quantkit build` leaves it."""
+    from quantkit import card
+
+    b = fabricate_build(root, **kw)
+    b.manifest = card.write_cards(b.plan, b.manifest, b.out)
+    return b
+
+
+def publish_build(b: Build, **kw: Any) -> Any:
+    """Publish the build; its manifest follows (as the CLI saves it)."""
+    from quantkit import publish
+
+    report = publish.publish(b.plan, b.manifest, b.out, **kw)
+    b.manifest = report.manifest
+    return report

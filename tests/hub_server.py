@@ -662,7 +662,8 @@ class _Handler(BaseHTTPRequestHandler):
             if old is not None:
                 raise HubError(409, "Collection already exists", body={"error": "Collection already exists",
                                                                       "slug": old["slug"]})
-            slug = f"{owner}/{re.sub(r'[^a-z0-9]+', '-', d['title'].lower()).strip('-')}-{hub._new_id(owner, d['title'])[:24]}"
+            words = re.sub(r"[^a-z0-9]+", "-", d["title"].lower()).strip("-")
+            slug = f"{owner}/{words}-{hub._new_id(owner, d['title'])[:24]}"
             hub.collections[slug] = {"slug": slug, "title": d["title"], "owner": {"name": owner, "type": "user"},
                                      "items": [], "lastUpdated": _now(), "position": 0,
                                      "private": bool(d.get("private")), "theme": "indigo", "upvotes": 0,

@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 
 pytest.register_assert_rewrite("_hub_fixtures")  # it is also the plugin named below
-from _hub_fixtures import Build, fabricate_build  # noqa: E402
+from _hub_fixtures import Build, carded_build, fabricate_build, publish_build  # noqa: E402
 from hub_server import HubServer, summarize  # noqa: E402
 
-from quantkit import card, publish  # noqa: E402
+from quantkit import card  # noqa: E402
 from quantkit.engines.gguf import hub_quant_label  # noqa: E402
 from quantkit.errors import GateRefused  # noqa: E402
 from quantkit.recipe import parse_recipe  # noqa: E402
@@ -54,15 +54,10 @@ imatrix = false
 
 
 def _ladder(tmp_path: Path, publish_table: str = "") -> Build:
-    b = fabricate_build(tmp_path, recipe_text=LADDER.format(publish=publish_table))
-    b.manifest = card.write_cards(b.plan, b.manifest, b.out)
-    return b
+    return carded_build(tmp_path, recipe_text=LADDER.format(publish=publish_table))
 
 
-def _publish(b: Build, **kw) -> publish.PublishReport:
-    report = publish.publish(b.plan, b.manifest, b.out, **kw)
-    b.manifest = report.manifest
-    return report
+_publish = publish_build
 
 
 def test_every_gguf_file_lies_on_main_and_on_its_own_branch(hub: HubServer, tmp_path: Path) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 pytest.register_assert_rewrite("_hub_fixtures")  # it is also the plugin named below
-from _hub_fixtures import DEMO_RECIPE, Build, fabricate_build, rebuild  # noqa: E402
+from _hub_fixtures import DEMO_RECIPE, Build, carded_build, publish_build, rebuild  # noqa: E402
 from hub_server import HubServer, summarize  # noqa: E402
 
 from quantkit import card, publish  # noqa: E402
@@ -34,16 +34,7 @@ BRANCHES = {GPTQ: ["main", "gptq-4bit-32g-actorder_True", "gptq-8bit-32g-actorde
             GGUF: ["main", "Q8_0"]}
 
 
-def _built(tmp_path: Path, **kw) -> Build:
-    b = fabricate_build(tmp_path, **kw)
-    b.manifest = card.write_cards(b.plan, b.manifest, b.out)
-    return b
-
-
-def _publish(b: Build, **kw) -> publish.PublishReport:
-    report = publish.publish(b.plan, b.manifest, b.out, **kw)
-    b.manifest = report.manifest
-    return report
+_built, _publish = carded_build, publish_build
 
 
 def _expected_files(b: Build, name: str) -> dict[str, bytes]:

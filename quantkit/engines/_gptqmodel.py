@@ -301,14 +301,14 @@ def to_save_dtype(folder: Path) -> None:
 
     want = getattr(torch, SAVE_DTYPE)
     sizes: dict[str, int] = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        with safe_open(str(f), "pt") as sf:
+    for shard in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(shard), "pt") as sf:
             meta = sf.metadata()
             tensors = {k: sf.get_tensor(k) for k in sf.keys()}
         cast = {k: t.to(want) if t.is_floating_point() and t.dtype != want else t for k, t in tensors.items()}
         if any(cast[k] is not tensors[k] for k in tensors):
-            save_file(cast, str(f), metadata=meta)
-        sizes[f.name] = sum(t.numel() * t.element_size() for t in cast.values())
+            save_file(cast, str(shard), metadata=meta)
+        sizes[shard.name] = sum(t.numel() * t.element_size() for t in cast.values())
         del tensors, cast
     cfg = _read_json(folder / "config.json")
     cfg.update(dtype=SAVE_DTYPE, torch_dtype=SAVE_DTYPE)  # torch_dtype: what transformers 4 reads
