@@ -398,6 +398,9 @@ def _one_variant(v: Variant, inputs: _Inputs, m: Manifest) -> tuple[Manifest, bo
     version, key, rec, fresh = _freshness(v, inputs, m)
     folder = inputs.plan.variant_dir(v)
     if fresh and rec.at_least("evaluated"):
+        if (rec.branch, rec.repo) != (v.branch, v.repo):  # the recipe moved it: same files, new place
+            m = m.with_variant(v.name, replace(rec, branch=v.branch, repo=v.repo))
+            inputs.save(m, v.name)
         inputs.report(Event("skip", v.name, message="up to date"))
         return m, False
     inputs.report(Event("start", v.name, message=f"{engine.name} ({version})"))
