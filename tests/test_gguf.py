@@ -88,7 +88,10 @@ def test_quantized_file_reads_back_with_metadata(tiny, toolchain):
     eng = gguf_engine.GGUFEngine()
     notes = eng.build(variant("Q4_K_M"), ctx, out / "q4km").note_dict()
     path = out / "q4km" / "tiny-llama.Q4_K_M.gguf"
-    assert notes["file"] == path.name and sorted(p.name for p in (out / "q4km").iterdir()) == [path.name]
+    # the file, and the importance matrix that steered it (published beside it, as on the Hub)
+    assert notes["file"] == path.name and sorted(p.name for p in (out / "q4km").iterdir()) == [
+        path.name, "tiny-llama.imatrix"]
+    assert (out / "q4km" / "tiny-llama.imatrix").read_bytes() == eng.imatrix(ctx)[0].read_bytes()
     got = gguf_engine.read_back(path)
     base, base_info = eng.base_gguf(ctx)
     assert got["architecture"] == "llama" and got["tensors"] == base_info["tensors"] == 21
@@ -227,7 +230,7 @@ def test_iq_without_imatrix_is_refused_others_kept(tiny, toolchain):
     assert str(e.value) == ("gguf-IQ4_XS-noimatrix: gguf: IQ4_XS needs an importance matrix: "
                             "set imatrix = true (or pick a K-quant such as Q4_K_M)")
     assert not (out / "iq").exists()
-    assert eng.build(good, ctx, out / "q40").notes["file"] == "tiny-llama.Q4_0.gguf"
+    assert eng.build(good, ctx, out / "q40").notes["file"] == "tiny-llama.Q4_0-noimatrix.gguf"  # a plain file has its own name on main
 
 
 def test_iq_with_imatrix_builds(tiny, toolchain):
