@@ -230,7 +230,8 @@ def test_iq_without_imatrix_is_refused_others_kept(tiny, toolchain):
     assert str(e.value) == ("gguf-IQ4_XS-noimatrix: gguf: IQ4_XS needs an importance matrix: "
                             "set imatrix = true (or pick a K-quant such as Q4_K_M)")
     assert not (out / "iq").exists()
-    assert eng.build(good, ctx, out / "q40").notes["file"] == "tiny-llama.Q4_0-noimatrix.gguf"  # a plain file has its own name on main
+    # a plain file has a name of its own: main holds it beside an imatrix one of the same type
+    assert eng.build(good, ctx, out / "q40").notes["file"] == "tiny-llama.Q4_0-noimatrix.gguf"
 
 
 def test_iq_with_imatrix_builds(tiny, toolchain):
