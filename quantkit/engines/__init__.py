@@ -7,6 +7,7 @@ from .base import Engine
 from .exl2 import EXL2Engine
 from .gguf import GGUFEngine
 from .gptq import GPTQEngine
+from .mlx import MLXEngine
 
 # Format -> engine. Modules import their heavy libraries lazily, inside methods.
 ENGINES: dict[str, Engine] = {
@@ -14,4 +15,5 @@ ENGINES: dict[str, Engine] = {
     "awq": AWQEngine(),  # GPTQModel's AWQ (GEMM); autoawq optional
     "gguf": GGUFEngine(),  # llama.cpp converter + llama-quantize / llama-imatrix
     "exl2": EXL2Engine(),  # exllamav2, CUDA only
+    "mlx": MLXEngine(),  # mlx-lm's affine format; GPTQ/AWQ by GPTQModel, repacked
 }
