@@ -35,7 +35,8 @@ def _kills(root: Path, ref: Reference, n: int, seed: int) -> None:
     results = [crash_once(root, recipe, ref, i, at) for i, at in enumerate(kill_moments(n, seed, ref.seconds))]
     bad = {r.kill: problems(r) for r in results if problems(r)}
     assert bad == {}, "\n".join(f"kill {r.kill} at {r.at} s ({r.phase}): {problems(r)}" for r in results)
-    assert sum(r.killed for r in results) >= n - 2  # most moments fall before the build ends
+    # most moments fall before the build ends (its duration varies with the machine's load)
+    assert sum(r.killed for r in results) >= n * 3 // 4
 
 
 def test_build_killed_at_5_random_moments_resumes_to_the_same_files(reference) -> None:
