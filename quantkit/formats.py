@@ -157,6 +157,8 @@ def _branch_cell(row: CardRow) -> str:
 
 # Columns every format's table uses; a spec puts them where its users expect them.
 BRANCH = Column("Branch", _branch_cell)
+BITS = Column("Bits", lambda r: str(r.params.get("bits")))
+GROUP_SIZE = Column("GS", lambda r: group_size_cell(r.params))
 DATASET = Column("Dataset", lambda r: r.dataset)
 SEQ_LEN = Column("Seq Len", lambda r: str(r.seq_len or "n/a"))
 SIZE = Column("Size", lambda r: human_size(files_size(r.record.files, r.record.size_bytes)))

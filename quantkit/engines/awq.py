@@ -59,8 +59,7 @@ def _name(p: AWQParams) -> str:
 SPEC = f.FormatSpec(
     name="awq", repo_suffix="AWQ", params=AWQParams, variant_name=_name, branch_name=_name,
     name_keys=frozenset({"bits", "group_size"}),
-    columns=(f.BRANCH, f.Column("Bits", lambda r: str(r.params.get("bits"))),
-             f.Column("GS", lambda r: f.group_size_cell(r.params)),
+    columns=(f.BRANCH, f.BITS, f.GROUP_SIZE,
              f.Column("Zero point", lambda r: f.yes(r.params.get("zero_point"))),
              f.DATASET, f.SEQ_LEN, f.SIZE, f.memory_column("VRAM"), *f.QUALITY, f.DESCRIPTION),
     describe=_describe, use="GPU inference with AWQ (GEMM) kernels",

@@ -80,8 +80,7 @@ SPEC = f.FormatSpec(
     name="gptq", repo_suffix="GPTQ", params=GPTQParams, variant_name=_name, branch_name=_name,
     name_keys=frozenset({"bits", "group_size", "act_order"}),
     # TheBloke's GPTQ table plus measured quality.
-    columns=(f.BRANCH, f.Column("Bits", lambda r: str(r.params.get("bits"))),
-             f.Column("GS", lambda r: f.group_size_cell(r.params)),
+    columns=(f.BRANCH, f.BITS, f.GROUP_SIZE,
              f.Column("Act Order", lambda r: f.yes(r.params.get("act_order"))),
              f.Column("Damp %", lambda r: f"{r.params.get('damp', 0):g}"), f.DATASET, f.SEQ_LEN, f.SIZE,
              f.memory_column("VRAM"),

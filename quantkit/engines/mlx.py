@@ -129,8 +129,7 @@ def _name(p: MLXParams) -> str:
 SPEC = f.FormatSpec(
     name="mlx", repo_suffix="MLX", params=MLXParams, variant_name=_name, branch_name=_name,
     name_keys=frozenset({"bits", "group_size", "method"}),
-    columns=(f.BRANCH, f.Column("Bits", lambda r: str(r.params.get("bits"))),
-             f.Column("GS", lambda r: f.group_size_cell(r.params)),
+    columns=(f.BRANCH, f.BITS, f.GROUP_SIZE,
              f.Column("Method", lambda r: str(r.params.get("method"))), f.DATASET, f.SIZE,
              f.memory_column("RAM"), *f.QUALITY, f.TOP1, f.DESCRIPTION),
     describe=lambda p: (f"{p['bits']}-bit MLX affine, group size {p.get('group_size')}, "
