@@ -83,16 +83,12 @@ class MLXParams(f.ParamsModel):
     @field_validator("bits")
     @classmethod
     def _check_bits(cls, v: int) -> int:
-        if v not in BITS:
-            raise ValueError(f"must be one of {', '.join(map(str, BITS))}")
-        return v
+        return f.one_of(v, BITS)
 
     @field_validator("group_size")
     @classmethod
     def _check_group_size(cls, v: int) -> int:
-        if v not in GROUP_SIZES:
-            raise ValueError(f"must be one of {', '.join(map(str, GROUP_SIZES))}")
-        return v
+        return f.one_of(v, GROUP_SIZES)
 
     @field_validator("method", mode="before")
     @classmethod
