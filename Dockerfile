@@ -35,8 +35,7 @@ ENV QK_TORCH_INDEX=${TORCH_INDEX_CPU} QK_EXTRAS=gptq,gguf,ray QUANTKIT_LLAMA_CUD
 FROM scratch AS deps-context
 COPY pyproject.toml constraints.txt .wheel[s] /ctx/
 FROM scratch AS toolchain-context
-COPY quantkit/__init__.py quantkit/errors.py /quantkit/
-COPY quantkit/engines/llamacpp.py /quantkit/engines/
+COPY quantkit/__init__.py quantkit/errors.py quantkit/toolchain.py /quantkit/
 
 FROM os-${FLAVOR}
 ENV DEBIAN_FRONTEND=noninteractive \
@@ -71,7 +70,7 @@ print("\n".join(r for r in reqs if not r.startswith("llama-cpp-python")))' /tmp/
 # the converter's sources; gone: objects, the packed wheel, llama.cpp's docs, tests, vocab files.
 RUN --mount=type=bind,from=toolchain-context,target=/tmp/qk --mount=type=cache,target=/root/.cache/pip \
     --mount=type=secret,id=pip_cert,target=/etc/ssl/certs/ca-certificates.crt \
-    PYTHONPATH=/tmp/qk python -c 'from quantkit.engines.llamacpp import build_toolchain; build_toolchain()' \
+    PYTHONPATH=/tmp/qk python -c 'from quantkit.toolchain import build_toolchain; build_toolchain()' \
     && cd "$QUANTKIT_CACHE/llama.cpp/build" \
     && if grep -q -- -march=native build.ninja; then echo "build.ninja targets the build CPU" >&2; exit 1; fi \
     && find . -mindepth 1 -maxdepth 1 ! -name bin ! -name CMakeCache.txt ! -name build.ninja -exec rm -rf {} + \

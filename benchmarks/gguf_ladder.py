@@ -77,18 +77,24 @@ def _span(events: list, prefix: str) -> float:
 # ---------------------------------------------------------------- the two ways to build the ladder
 
 
-def run_quantkit(plan: Any, source: Any, calib: Any, work: Path, out: Path, jobs: int | None) -> dict[str, Any]:
+def run_quantkit(plan: Any, source: Any, calib: Any, work: Path, out: Path) -> dict[str, Any]:
+    """The engine as a build runs it: its shared steps once (convert, imatrix), then each type."""
     from quantkit.engines.gguf import GGUFEngine
+    from quantkit.errors import EngineError
 
     events: list = []
     ctx = context(source, calib, work, events)
-    eng = GGUFEngine(jobs=jobs)
+    eng = GGUFEngine()
     t0 = time.perf_counter()
-    failed = eng.prepare(plan.variants, ctx)
-    notes = {}
+    made: dict[str, Any] = {}
+    for step in eng.shared_steps(plan.variants):
+        made[step.key] = step.run(ctx, {k: made[k] for k in step.deps})
+    notes, failed = {}, {}
     for v in plan.variants:
-        if v.name not in failed:
-            notes[v.name] = eng.build(v, ctx, out / v.name)
+        try:
+            notes[v.name] = eng.build(v, ctx, out / v.name, {k: made[k] for k in eng.needs(v, plan.variants)})
+        except EngineError as e:
+            failed[v.name] = str(e)
     total = time.perf_counter() - t0
     convert, imatrix = _span(events, "convert"), _span(events, "importance matrix")
     return {"total": total, "convert": convert, "imatrix": imatrix, "quantize": total - convert - imatrix,
@@ -103,7 +109,8 @@ def _timed(cmd: list[str], **kw: Any) -> float:
 
 def run_by_hand(plan: Any, ctx: Any, out: Path) -> dict[str, Any]:
     """What a user types: convert, imatrix on the same text and settings, then each type serially."""
-    from quantkit.engines import gguf, llamacpp
+    from quantkit import toolchain as llamacpp
+    from quantkit.engines import gguf
 
     tc = llamacpp.find_toolchain()
     out.mkdir(parents=True)
@@ -138,7 +145,7 @@ def timing_rounds(plan: Any, source: Any, calib: Any, args: argparse.Namespace) 
                 hand.append(run_by_hand(plan, context(source, calib, d / "work"), d))
                 log(f"  by hand {hand[-1]['total']:.1f} s")
             else:
-                qk.append(run_quantkit(plan, source, calib, d / "work", d / "variants", args.jobs))
+                qk.append(run_quantkit(plan, source, calib, d / "work", d / "variants"))
                 log(f"  quantkit {qk[-1]['total']:.1f} s, failed: {qk[-1]['failed'] or 'none'}")
                 last_qk = d
     return hand, qk, last_qk
@@ -223,7 +230,6 @@ def main() -> int:
     ap.add_argument("--calib-seq-len", type=int, default=512)
     ap.add_argument("--eval-tokens", type=int, default=8192)
     ap.add_argument("--ctx", type=int, default=512)
-    ap.add_argument("--jobs", type=int, default=None, help="parallel llama-quantize runs (default: cores/RAM)")
     ap.add_argument("--rounds", type=int, default=2)
     args = ap.parse_args()
     args.model = args.model or smollm2()

@@ -79,7 +79,7 @@ def build_row(name: str, model: Path, out: Path, calib: Any, awq_samples: int) -
                        calib, out / "work", "cpu", lambda *a: None)
     variant = Variant(name, "mlx", "bench/x", name, MLXParams(method=method, bits=bits, group_size=gs), 0)
     t0 = time.perf_counter()
-    notes = MLXEngine().build(variant, ctx, folder).note_dict()
+    notes = MLXEngine().build(variant, ctx, folder, {}).note_dict()
     return {"seconds": time.perf_counter() - t0, "notes": notes,
             "windows": len(calib.windows) if method != "rtn" else 0}
 

@@ -150,7 +150,7 @@ def quantkit_engine(kind: str, model: Path, folder: Path, calib: Any, bits: int,
     variant = make_plan(recipe).variants[0]
     ctx = BuildContext(SourceModel(str(model), model, "local", "bench", 0, "LlamaForCausalLM"),
                        calib, out / "work", device, lambda *a: None)
-    ENGINES[kind].build(variant, ctx, folder)
+    ENGINES[kind].build(variant, ctx, folder, {})
 
 
 def run_child(name: str, model: Path, out: Path, device: str, awq_samples: int | None) -> dict[str, Any]:

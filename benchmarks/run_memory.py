@@ -90,7 +90,7 @@ def gptq_rows(model: Path, work: Path) -> list[list[object]]:
     (v,) = plan.variants
     out = work / "gptq" / v.name
     out.mkdir(parents=True, exist_ok=True)
-    GPTQEngine().build(v, context(source, calib, work / "gptq-work"), out)
+    GPTQEngine().build(v, context(source, calib, work / "gptq-work"), out, {})
     m = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.bfloat16, device_map="cpu")
     held = sum(t.numel() * t.element_size() for t in [*m.parameters(), *m.buffers()])
     files = sum(p.stat().st_size for p in out.glob("*.safetensors"))

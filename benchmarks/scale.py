@@ -251,7 +251,8 @@ def _per_stage(samples: list[tuple[float, int, int]], marks: list[tuple[float, s
 def tools_alone(model: Path, out: Path) -> float:
     """The GGUF ladder as a user types it: converter, llama-imatrix, llama-quantize per type."""
     sys.path.insert(0, str(ROOT))
-    from quantkit.engines import gguf, llamacpp
+    from quantkit import toolchain as llamacpp
+    from quantkit.engines import gguf
 
     tc = llamacpp.find_toolchain()
     d = out / "tools-alone"

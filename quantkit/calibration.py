@@ -21,6 +21,7 @@ import numpy as np
 from . import atomic
 from .errors import CalibrationError
 from .recipe import CalibrationSpec, Recipe
+from .records import CalibrationSet
 
 SHIPPED_DIR = Path(__file__).resolve().parent.parent / "calibration"
 SHIPPED_NAME = "quantkit German QA sample (calibration/, GermanQuAD schema)"
@@ -40,41 +41,6 @@ class QAItem:
     context: str
     question: str = ""
     answer: str = ""
-
-
-@dataclass(frozen=True, eq=False)
-class CalibrationSet:
-    windows: np.ndarray  # [samples, seq_len] int32 token ids, BOS first
-    texts: tuple[str, ...]  # the formatted items the windows were cut from, in order
-    eval_texts: tuple[str, ...]  # held-out plain contexts
-    sha256: str  # of the windows: the cache key for everything built from them
-    source: str  # where the text came from, for cards and messages
-    n_items: int  # formatted items used
-    n_contexts: int  # distinct contexts available for calibration
-    tokens_available: int  # tokens in all formatted items (before cutting windows)
-
-    @property
-    def german_share(self) -> float:
-        return german_share(self.texts)
-
-    def examples(self) -> list[dict[str, list[int]]]:
-        """Windows as GPTQModel's calibration examples."""
-        return [{"input_ids": w.tolist(), "attention_mask": [1] * len(w)} for w in self.windows]
-
-    def write_text(self, path: Path) -> Path:
-        """Plain text for llama-imatrix: the formatted items, blank line between."""
-        return atomic.write_text(path, "\n\n".join(self.texts) + "\n")
-
-    def write_parquet(self, path: Path) -> Path:
-        """A `text` column per item, the form exllamav2's converter reads with -c."""
-        import io
-
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        buf = io.BytesIO()
-        pq.write_table(pa.table({"text": list(self.texts)}), buf)
-        return atomic.write_bytes(path, buf.getvalue())
 
 
 # ---------------------------------------------------------------- loading
@@ -305,7 +271,7 @@ def _windows(texts: list[str], tokenizer: Any, spec: CalibrationSpec) -> tuple[n
         raise CalibrationError("calibration", f"{len(stream)} tokens of text, fewer than one window "
                                f"of {spec.seq_len}: lower [calibration] seq_len or add text")
     n = min(n, spec.samples)
-    rows = np.asarray(stream[:n * body], dtype=np.int32).reshape(n, body)
+    rows: np.ndarray = np.asarray(stream[:n * body], dtype=np.int32).reshape(n, body)
     if bos is not None:
         rows = np.concatenate([np.full((n, 1), bos, dtype=np.int32), rows], axis=1)
     return rows, used, len(stream)
@@ -325,7 +291,7 @@ def german_share(texts: Iterable[str]) -> float:
 
 
 def language_warning(c: CalibrationSet) -> str | None:
-    share = c.german_share
+    share = german_share(c.texts)
     if share >= GERMAN_MIN_SHARE:
         return None
     return (f"the calibration text does not look German ({share:.0%} German function words); "

@@ -20,7 +20,7 @@ from typing import Any
 
 from . import __version__, atomic, formats
 from .formats import CardRow, human_size, yes
-from .manifest import Manifest, VariantRecord
+from .manifest import Manifest, State, VariantRecord
 from .plan import Plan, Variant, repo_for
 from .recipe import SPECS, Recipe, read_model_config, resolve_local_source
 from .records import QualityRecord
@@ -76,7 +76,7 @@ def card_variants(plan: Plan, manifest: Manifest) -> list[Variant]:
     out = []
     for v in plan.variants:
         rec = manifest.variants.get(v.name)
-        if rec is not None and rec.at_least("evaluated"):
+        if rec is not None and rec.at_least(State.EVALUATED):
             out.append(v)
     return out
 
@@ -134,7 +134,7 @@ def _shape(recipe: Recipe) -> ModelShape | None:
 def _run(v: Variant, rec: VariantRecord, shape: ModelShape | None) -> RunMemory | None:
     if shape is None:
         return None
-    return run_memory(files_size(rec), shape, v.spec.run_overhead(shape))
+    return run_memory(files_size(rec), shape, SPECS[v.format].run_overhead(shape))
 
 
 def _rows(plan: Plan, manifest: Manifest, fmt: str, repo: str, current: str, arch: str | None) -> list[CardRow]:
@@ -149,7 +149,7 @@ def _rows(plan: Plan, manifest: Manifest, fmt: str, repo: str, current: str, arc
         params = {**v.params_dict(), **rec.params}
         seq = params.get("seq_len") or cal.seq_len or recipe.calibration.seq_len
         rows.append(CardRow(v, rec, params, f"{HUB}/{repo}/tree/{v.branch}", v.name == current, arch,
-                            v.spec.describe(params), dataset=_dataset_cell(recipe, cal.source), seq_len=seq,
+                            SPECS[v.format].describe(params), dataset=_dataset_cell(recipe, cal.source), seq_len=seq,
                             run=_run(v, rec, shape)))
     return _remarks(rows)
 
@@ -272,7 +272,7 @@ def card_context(plan: Plan, manifest: Manifest, variant: str, *, owner: str | N
     recipe = plan.recipe
     owner = owner or known_owner(plan, manifest)
     v = next(x for x in plan.variants if x.name == variant)
-    spec = v.spec
+    spec = SPECS[v.format]
     repo = repo_for(recipe, v.format, owner)
     arch = _architecture(recipe, manifest)
     rows = _rows(plan, manifest, v.format, repo, variant, arch)
@@ -378,8 +378,8 @@ def write_cards(plan: Plan, manifest: Manifest, out_dir: Path, *, owner: str | N
         if old != text:
             atomic.write_text(path, text)  # a crash leaves the old card or the new, whole
         rec = manifest.variants[name]
-        if rec.state == "evaluated" or (rec.state == "published" and old != text):
-            manifest = manifest.with_variant(name, replace(rec, state="carded"))
+        if rec.state == State.EVALUATED or (rec.state == State.PUBLISHED and old != text):
+            manifest = manifest.with_variant(name, rec.moved_to(State.CARDED))
     return manifest
 
 

@@ -10,6 +10,7 @@ import copy
 import importlib.util
 import shutil
 import tempfile
+from typing import Any
 from pathlib import Path
 
 from .errors import SourceError
@@ -35,14 +36,14 @@ def build_smollm2(out: Path, layers: int | None = None) -> Path:
     g = smollm2_gguf()
     tok = AutoTokenizer.from_pretrained(g.parent, gguf_file=g.name)
     m = AutoModelForCausalLM.from_pretrained(g.parent, gguf_file=g.name, dtype=torch.float32)
-    cfg = copy.deepcopy(m.config)
+    cfg: Any = copy.deepcopy(m.config)
     del cfg.quantization_config  # it is a plain checkpoint now
     state = m.state_dict()
     if layers is not None:  # real weights of the first layers: a fast test model
         cfg.num_hidden_layers = layers
         state = {k: v for k, v in state.items()
                  if not k.startswith("model.layers.") or int(k.split(".")[2]) < layers}
-    m2 = LlamaForCausalLM(cfg)
+    m2: Any = LlamaForCausalLM(cfg)
     m2.load_state_dict(state)
     if out.is_dir() and not any(out.iterdir()):
         out.rmdir()  # an empty folder made by the caller: fill it by rename

@@ -121,3 +121,11 @@ class ResourceError(QuantkitError):
         self.what = what
         self.reason = reason
         super().__init__(f"{what}: {reason}")
+
+
+def for_variant(e: BaseException, variant: str) -> BaseException:
+    """A shared step's failure as one variant reports it: an engine error gets the variant's
+    name (its message then names the variant, as its own failures do); others stay as they are."""
+    if isinstance(e, EngineError) and not e.variant:
+        return type(e)(e.engine, e.reason, variant)
+    return e

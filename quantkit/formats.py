@@ -2,7 +2,8 @@
 (quantkit/engines/<fmt>.py) and registered in the ENGINES table. recipe.py, plan.py, card.py
 and cli.py read every format difference from the specs; none of them names a format.
 
-This module is neutral: it imports only quantkit.records, so format modules and stages both use it.
+This module is neutral: it imports only the records below it (records, variant, sizing, manifest),
+so format modules and stages both use it.
 """
 
 from __future__ import annotations
@@ -10,25 +11,19 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, ConfigDict
+from pydantic import AfterValidator
 
+from .manifest import VariantRecord
 from .records import FileEntry, QualityRecord
+from .sizing import ModelShape, RunMemory
+from .variant import ParamsModel, Variant
 
-if TYPE_CHECKING:
-    from .manifest import VariantRecord
-    from .plan import Variant
-    from .sizing import ModelShape, RunMemory
+__all__ = ["ParamsModel", "FormatSpec", "CardRow", "Column", "Runtime"]
 
 README = "README.md"
 GROUP_SIZES = (-1, 32, 64, 128, 256, 1024)  # -1: one group per row (GPTQ's "no grouping")
-
-
-class ParamsModel(BaseModel):
-    """Base of every format's settings model: frozen, and an unknown key is an error."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 # ---------------------------------------------------------------- file size limits

@@ -22,7 +22,7 @@ def hf_logits(path: Path, *, dtype: str = "float32", device: str = "cpu",
     import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=getattr(torch, dtype),
+    model: Any = AutoModelForCausalLM.from_pretrained(str(path), dtype=getattr(torch, dtype),
                                                  **load_kwargs)
     model = model.to(device) if not load_kwargs.get("device_map") else model
     model.eval()

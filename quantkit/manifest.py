@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field, replace
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +15,35 @@ from . import atomic
 from .errors import ManifestError
 from .records import CalibrationRecord, FileEntry, PublishedRecord, QualityRecord, SourceRecord
 
-STATES = ("failed", "built", "evaluated", "carded", "published")
 MANIFEST = "manifest.json"
+
+
+class State(str, Enum):
+    """A variant's build state; written to manifest.json as its value."""
+
+    FAILED = "failed"
+    BUILT = "built"  # files written and checked
+    EVALUATED = "evaluated"  # scored against the unquantized model
+    CARDED = "carded"  # README.md written for the files as they are
+    PUBLISHED = "published"  # its branch holds exactly the folder
+
+    def __str__(self) -> str:
+        return self.value
+
+
+# The one place a state change is decided: from each state, where a variant may go next.
+# A rebuild (new cache key) starts again at BUILT from anywhere; any step may fail.
+TRANSITIONS: dict[State | None, frozenset[State]] = {
+    None: frozenset({State.BUILT, State.FAILED}),
+    State.FAILED: frozenset({State.BUILT, State.FAILED}),
+    State.BUILT: frozenset({State.BUILT, State.EVALUATED, State.FAILED}),
+    # re-scoring keeps the state; a card written or a branch pushed moves it on
+    State.EVALUATED: frozenset({State.BUILT, State.EVALUATED, State.CARDED, State.PUBLISHED, State.FAILED}),
+    State.CARDED: frozenset({State.BUILT, State.CARDED, State.PUBLISHED, State.FAILED}),
+    # a card that changed after the push: the branch no longer holds what the folder holds
+    State.PUBLISHED: frozenset({State.BUILT, State.CARDED, State.PUBLISHED, State.FAILED}),
+}
+ORDER = (State.BUILT, State.EVALUATED, State.CARDED, State.PUBLISHED)  # how far a variant got
 
 
 @dataclass(frozen=True)
@@ -23,7 +51,7 @@ class VariantRecord:
     format: str
     branch: str
     repo: str
-    state: str
+    state: State
     cache_key: str = ""
     params: dict[str, Any] = field(default_factory=dict)
     files: tuple[FileEntry, ...] = ()
@@ -37,12 +65,23 @@ class VariantRecord:
     error: str | None = None  # why it failed, when state == "failed"
     published: PublishedRecord | None = None
 
-    def at_least(self, state: str) -> bool:
-        return self.state != "failed" and STATES.index(self.state) >= STATES.index(state)
+    def __post_init__(self) -> None:
+        if not isinstance(self.state, State):  # a state given by its name ("evaluated")
+            object.__setattr__(self, "state", State(self.state))
+
+    def at_least(self, state: State) -> bool:
+        return self.state != State.FAILED and ORDER.index(self.state) >= ORDER.index(state)
+
+    def moved_to(self, state: State, **changes: Any) -> VariantRecord:
+        """This record in `state` (and with `changes`); a move TRANSITIONS does not allow is a bug."""
+        if state not in TRANSITIONS[self.state]:
+            raise ManifestError(MANIFEST, f"a variant cannot go from {self.state} to {state}")
+        return replace(self, state=state, **changes)
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)  # nested records become plain objects: the file format is unchanged
         d["files"] = [asdict(f) for f in self.files]
+        d["state"] = self.state.value
         return d
 
     @classmethod
@@ -105,10 +144,10 @@ def _from_json(d: Any) -> Manifest:
         raise ValueError("no 'variants' object")
     variants = {}
     for name, v in d["variants"].items():
-        rec = VariantRecord.from_json(v)
-        if rec.state not in STATES:
-            raise ValueError(f"variant {name}: unknown state {rec.state!r}")
-        variants[name] = rec
+        try:
+            variants[name] = VariantRecord.from_json(v)
+        except ValueError:
+            raise ValueError(f"variant {name}: unknown state {v.get('state')!r}") from None
     return Manifest(str(d["recipe_sha256"]), variants,
                     CalibrationRecord.from_json(d.get("calibration")) or CalibrationRecord(),
                     SourceRecord.from_json(d.get("source")) or SourceRecord())

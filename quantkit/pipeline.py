@@ -1,7 +1,11 @@
 """The only orchestrator: recipe -> plan -> calibration -> engines -> evaluate -> cards.
 
-Every finished step is written to manifest.json at once, so a killed build resumes with
-the variant it was on and never redoes one whose cache key and files still match.
+A build is begun here (preflight, source, calibration, manifest, the graph of what is left:
+quantkit.graph), run by an executor — LocalExecutor below, one task at a time in this
+process, or quantkit.cluster's on Ray — and finished here (cards). Both executors run each
+variant through `run_task`. Every finished step is written to manifest.json at once, so a
+killed build resumes with the variant it was on and never redoes one whose cache key and
+files still match.
 """
 
 from __future__ import annotations
@@ -12,41 +16,31 @@ import shutil
 import struct
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from . import __version__
-from .calibration import CalibrationSet, build_calibration, language_warning
-from .engines import ENGINES
-from .errors import EngineError, ManifestError, QuantkitError, ResourceError, SourceError
+from .calibration import build_calibration, language_warning
+from .engines import ENGINES, Engine
+from .errors import EngineError, ManifestError, QuantkitError, ResourceError, SourceError, for_variant
 from .evaluate import EvalSet, Quality, Reference, compute_reference, make_eval_set, score, streamed_rows
-from .manifest import Manifest, VariantRecord, load_manifest, save_manifest
-from .plan import Plan, Variant, cache_key
+from .events import Done, Failed, Progress, Reporter, Skipped, Stage, Started, Warn, quiet
+from .graph import REFERENCE, Action, BuildGraph, Freshness, Task, make_graph, unfinished
+from .manifest import Manifest, State, VariantRecord, load_manifest, save_manifest
+from .plan import Plan, cache_key
 from .recipe import Recipe, resolve_local_source
-from .records import (BuildContext, CalibrationRecord, EngineResult, FileEntry, QualityRecord, SourceModel,
-                      SourceRecord, bits_per_weight, file_entries)
+from .records import (BuildContext, CalibrationRecord, CalibrationSet, EngineResult, FileEntry, QualityRecord,
+                      SourceModel, SourceRecord, bits_per_weight, file_entries)
+from .sizing import Machine
 from .source_check import check_source_folder
+from .steps import Products, SharedStep, StepFailed
+from .variant import Variant
 
 WORK = ".work"  # scratch inside the build folder: reference logits, shared engine files
-
-
-@dataclass(frozen=True)
-class Event:
-    """What the pipeline reports; the CLI draws it. kind: stage|warn|start|task|done|skip|fail."""
-
-    kind: str
-    variant: str = ""
-    task: str = ""
-    done: int = 0
-    total: int | None = None
-    message: str = ""
-
-
-Reporter = Callable[[Event], None]
+# What a variant's own failure may raise: recorded as failed, the others go on.
+VARIANT_ERRORS = (QuantkitError, MemoryError, RuntimeError, OSError, ValueError)
 
 
 @dataclass(frozen=True)
@@ -70,10 +64,6 @@ class BuildResult:
     built: tuple[str, ...] = ()
     skipped: tuple[str, ...] = ()
     failed: dict[str, str] = field(default_factory=dict)
-
-
-def _quiet(_: Event) -> None:
-    pass
 
 
 # ---------------------------------------------------------------- source model
@@ -131,65 +121,6 @@ def count_params(path: Path) -> int:
     return total
 
 
-# ---------------------------------------------------------------- shared inputs
-
-
-@dataclass
-class _Inputs:
-    """What every variant of one build shares, made on first use."""
-
-    plan: Plan
-    source: SourceModel
-    tokenizer: Any
-    calib: CalibrationSet
-    device: str
-    report: Reporter
-    eval_set: EvalSet | None = None
-    reference: Reference | None = None
-    # Where each finished step's record goes. None: straight into manifest.json. A Ray worker
-    # (cluster.py) hands records to the driver instead, the one writer of the manifest.
-    record_sink: Callable[[str, VariantRecord], None] | None = None
-
-    @property
-    def work_dir(self) -> Path:
-        return self.plan.out_dir / WORK
-
-    def save(self, m: Manifest, name: str) -> None:
-        if self.record_sink is None:
-            save_manifest(self.plan.out_dir, m)
-        else:
-            self.record_sink(name, m.variants[name])
-
-    def context(self, v: Variant) -> BuildContext:
-        def progress(task: str, done: int, total: int | None) -> None:
-            self.report(Event("task", v.name, task, done, total))
-
-        pub = self.plan.recipe.publish
-        return BuildContext(self.source, self.calib, self.work_dir, self.device, progress,
-                            model_name=self.plan.recipe.model.model_name,
-                            quantized_by=pub.quantized_by or pub.owner or "quantkit",
-                            keep_intermediate=self.plan.recipe.build.keep_intermediate)
-
-    def ensure_reference(self) -> tuple[EvalSet, Reference]:
-        if self.reference is None:
-            spec = self.plan.recipe.evaluation
-            self.eval_set = make_eval_set(self.tokenizer, self.calib.eval_texts, spec.tokens, spec.ctx)
-            cache = self.work_dir / f"reference-{self.source.fingerprint[:12]}-{self.eval_set.sha256[:12]}.npy"
-            self.report(Event("stage", task="reference logits (unquantized model)"))
-            self.reference = compute_reference(
-                self.eval_set, self._reference_rows(), cache,
-                lambda d, t: self.report(Event("task", "reference", "reference logits", d, t)))
-            _give_back_memory()
-        assert self.eval_set is not None
-        return self.eval_set, self.reference
-
-    def _reference_rows(self) -> Iterator[np.ndarray]:
-        """The unquantized model one block at a time: float32 on the CPU, bf16 on a GPU."""
-        assert self.eval_set is not None
-        dtype = "bfloat16" if self.device == "cuda" else "float32"
-        return streamed_rows(self.eval_set, self.source.path, dtype=dtype, device=self.device)
-
-
 def detect_device() -> str:
     try:
         import torch
@@ -199,142 +130,95 @@ def detect_device() -> str:
         return "cpu"
 
 
-def prepare(plan: Plan, report: Reporter = _quiet) -> _Inputs:
+# ---------------------------------------------------------------- what a build shares
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """Source, tokenizer and calibration set: made once per build on the driving process."""
+
+    plan: Plan
+    source: SourceModel
+    tokenizer: Any
+    calib: CalibrationSet
+    device: str
+
+    def env(self) -> TaskEnv:
+        return TaskEnv(self.plan, self.source, self.calib, self.device)
+
+
+@dataclass(frozen=True)
+class TaskEnv:
+    """What a task needs besides its products: small and picklable (a Ray worker gets it)."""
+
+    plan: Plan
+    source: SourceModel
+    calib: CalibrationSet
+    device: str
+
+    @property
+    def work_dir(self) -> Path:
+        return self.plan.out_dir / WORK
+
+    def context(self, label: str, report: Reporter) -> BuildContext:
+        """The engine's view, its progress reported under `label` (a variant or a step)."""
+        def progress(task: str, done: int, total: int | None) -> None:
+            report(Progress(label, task, done, total))
+
+        pub = self.plan.recipe.publish
+        return BuildContext(self.source, self.calib, self.work_dir, self.device, progress,
+                            model_name=self.plan.recipe.model.model_name,
+                            quantized_by=pub.quantized_by or pub.owner or "quantkit",
+                            keep_intermediate=self.plan.recipe.build.keep_intermediate)
+
+
+def prepare(plan: Plan, report: Reporter = quiet) -> Inputs:
     """Source, tokenizer and calibration set: once per build, shared by all variants."""
     from transformers import AutoTokenizer
 
-    report(Event("stage", task=f"source {plan.recipe.model.source}"))
+    report(Stage(f"source {plan.recipe.model.source}"))
     source = resolve_source(plan.recipe)
     tokenizer = AutoTokenizer.from_pretrained(str(source.path))
-    report(Event("stage", task="calibration set"))
+    report(Stage("calibration set"))
     calib = build_calibration(plan.recipe, tokenizer)
     if warning := language_warning(calib):
-        report(Event("warn", message=warning))
-    return _Inputs(plan, source, tokenizer, calib, detect_device(), report)
+        report(Warn(warning))
+    return Inputs(plan, source, tokenizer, calib, detect_device())
 
 
-# ---------------------------------------------------------------- build
+def reference_step(inputs: Inputs, report: Reporter) -> SharedStep:
+    """The unquantized model's log-probabilities on the held-out chunks, cached in work_dir:
+    run where the build is driven (it needs the tokenizer), shared with every task by value."""
+    def run(ctx: BuildContext, deps: Products) -> tuple[EvalSet, Reference]:
+        spec = inputs.plan.recipe.evaluation
+        es = make_eval_set(inputs.tokenizer, inputs.calib.eval_texts, spec.tokens, spec.ctx)
+        cache = ctx.work_dir / f"reference-{inputs.source.fingerprint[:12]}-{es.sha256[:12]}.npy"
+        # The unquantized model one block at a time: float32 on the CPU, bf16 on a GPU.
+        dtype = "bfloat16" if inputs.device == "cuda" else "float32"
+        rows = streamed_rows(es, inputs.source.path, dtype=dtype, device=inputs.device)
+        ref = compute_reference(es, rows, cache, lambda d, t: report(Progress(REFERENCE, "reference logits", d, t)))
+        give_back_memory()
+        return es, ref
+
+    return SharedStep(REFERENCE, "reference logits (unquantized model)", run, local=True)
 
 
 def recipe_sha256(recipe: Recipe) -> str:
     return hashlib.sha256(Path(recipe.path).read_bytes()).hexdigest() if Path(recipe.path).is_file() else ""
 
 
-def build(plan: Plan, *, only: list[str] | None = None, report: Reporter = _quiet,
-          preflight: bool = True) -> BuildResult:
-    """Build, evaluate and card every selected variant; failures are recorded, not raised.
-    With `preflight`, a build the machine cannot hold (RAM, disk) is refused before any work."""
-    variants = plan.select(only)
-    if preflight:
-        check_resources(plan, variants, report)
-    inputs = prepare(plan, report)
-    manifest = start_manifest(plan, inputs)
-    built, skipped, failed = [], [], {}
-    _prepare_engines(variants, inputs, manifest)
-    last_of_format = {v.format: v.name for v in variants}
-    for v in variants:
-        manifest, outcome = build_one(v, inputs, manifest)
-        if outcome == "failed":
-            failed[v.name] = manifest.variants[v.name].error or "failed"
-        else:
-            (built if outcome == "built" else skipped).append(v.name)
-        if last_of_format[v.format] == v.name:
-            _release_engine(v, inputs)
-    manifest = _cards(plan, manifest, report)
-    return BuildResult(manifest, tuple(built), tuple(skipped), failed)
-
-
-def start_manifest(plan: Plan, inputs: _Inputs) -> Manifest:
+def start_manifest(plan: Plan, inputs: Inputs) -> Manifest:
     """The manifest on disk (or a new one) with this build's source and calibration, saved."""
     manifest = load_manifest(plan.out_dir) or Manifest(recipe_sha256(plan.recipe), {})
-    src = inputs.source
-    manifest = replace(manifest, recipe_sha256=recipe_sha256(plan.recipe), calibration=_calib_info(inputs.calib),
+    src, c = inputs.source, inputs.calib
+    manifest = replace(manifest, recipe_sha256=recipe_sha256(plan.recipe),
+                       calibration=CalibrationRecord(c.source, c.sha256, int(c.windows.shape[0]),
+                                                     int(c.windows.shape[1]), c.n_items, c.n_contexts,
+                                                     len(c.eval_texts)),
                        source=SourceRecord(src.id, src.revision, src.fingerprint, src.n_params, src.architecture,
                                            __version__))
     save_manifest(plan.out_dir, manifest)
     return manifest
-
-
-def build_one(v: Variant, inputs: _Inputs, manifest: Manifest) -> tuple[Manifest, str]:
-    """Build and evaluate one variant given the shared inputs: (manifest, "built"|"skipped"|"failed").
-    A failure of the variant's own is recorded (state failed, with the reason), never raised."""
-    try:
-        manifest, did = _one_variant(v, inputs, manifest)
-        return manifest, "built" if did else "skipped"
-    except (QuantkitError, MemoryError, RuntimeError, OSError, ValueError) as e:
-        reason = _reason(e)
-        manifest = manifest.with_variant(v.name, _failed_record(v, manifest, reason))
-        inputs.save(manifest, v.name)
-        inputs.report(Event("fail", v.name, message=reason))
-        return manifest, "failed"
-
-
-def check_resources(plan: Plan, variants: tuple[Variant, ...], report: Reporter = _quiet) -> None:
-    """Estimate what the variants still to build need (resources.py) and refuse early,
-    with ResourceError, when RAM + swap or disk cannot hold it. A config the estimate
-    cannot read is a warning, not a refusal: the build itself will say what is wrong."""
-    from .resources import check_fits, plan_resources
-
-    done = load_manifest(plan.out_dir)
-    todo = [v.name for v in variants
-            if not (done and (r := done.variants.get(v.name)) and r.at_least("evaluated"))]
-    if not todo:
-        return
-    try:
-        rp = plan_resources(plan, only=todo)
-    except (ResourceError, KeyError, ValueError, TypeError) as e:
-        report(Event("warn", message=f"no resource estimate ({type(e).__name__}: {e}); building anyway"))
-        return
-    b = rp.build
-    report(Event("stage", task=f"resource plan: peak RAM ~{b.ram / 1e9:.1f} GB ({b.stage}), "
-                 f"disk ~{b.disk / 1e9:.1f} GB, ~{b.seconds / 60:.0f} min"))
-    check_fits(rp, plan.out_dir)
-
-
-def reevaluate(plan: Plan, *, only: list[str] | None = None, report: Reporter = _quiet) -> BuildResult:
-    """Score built variants again (e.g. after changing [evaluation]); builds nothing."""
-    inputs = prepare(plan, report)
-    manifest = load_manifest(plan.out_dir)
-    if manifest is None:
-        raise ManifestError(str(plan.out_dir / "manifest.json"), "not built yet: run `quantkit build` first")
-    done, failed = [], {}
-    for v in plan.select(only):
-        rec = manifest.variants.get(v.name)
-        if rec is None or not rec.at_least("built"):
-            continue
-        try:
-            q = _evaluate(v, inputs, ENGINES[v.format], plan.variant_dir(v))
-        except (QuantkitError, MemoryError, RuntimeError, OSError, ValueError) as e:
-            failed[v.name] = _reason(e)
-            report(Event("fail", v.name, message=failed[v.name]))
-            continue
-        state = rec.state if rec.at_least("evaluated") else "evaluated"
-        manifest = manifest.with_variant(v.name, replace(rec, state=state, quality=_rounded(q)))
-        save_manifest(plan.out_dir, manifest)
-        report(Event("done", v.name, message=f"ΔPPL {q.delta_ppl_pct:+.2f} %, KLD {q.kld:.4f}"))
-        done.append(v.name)
-    return BuildResult(_cards(plan, manifest, report), tuple(done), (), failed)
-
-
-def _reason(e: BaseException) -> str:
-    if isinstance(e, QuantkitError):
-        return str(e)
-    if isinstance(e, MemoryError) or "out of memory" in str(e).lower():
-        return f"out of memory: {e}".strip()
-    last = traceback.extract_tb(e.__traceback__)[-1] if e.__traceback__ else None
-    where = f" (at {Path(last.filename).name}:{last.lineno})" if last else ""
-    return f"{type(e).__name__}: {e}{where}"
-
-
-def _failed_record(v: Variant, m: Manifest, reason: str) -> VariantRecord:
-    old = m.variants.get(v.name)
-    base = old or VariantRecord(v.format, v.branch, v.repo, "failed", params=v.params_dict())
-    return replace(base, state="failed", error=reason)
-
-
-def _calib_info(c: CalibrationSet) -> CalibrationRecord:
-    return CalibrationRecord(c.source, c.sha256, int(c.windows.shape[0]), int(c.windows.shape[1]), c.n_items,
-                             c.n_contexts, len(c.eval_texts))
 
 
 def _files_intact(folder: Path, rec: VariantRecord) -> bool:
@@ -344,34 +228,204 @@ def _files_intact(folder: Path, rec: VariantRecord) -> bool:
         for f in rec.files if f.path != "README.md")
 
 
-def _freshness(v: Variant, inputs: _Inputs, m: Manifest) -> tuple[str, str, VariantRecord | None, bool]:
-    """(engine version, cache key, record, whether the record's files are this key's and intact)."""
+def freshness(plan: Plan, v: Variant[Any], env: TaskEnv, m: Manifest) -> Freshness:
+    """The variant's cache key, and whether the manifest's files for it are on disk."""
     engine = ENGINES[v.format]
-    version = engine.version()
-    key = cache_key(v, source_fingerprint=inputs.source.fingerprint, calib_sha256=inputs.calib.sha256,
+    try:
+        version = engine.version()
+    except QuantkitError as e:  # the engine cannot run here: the task records why
+        return Freshness(error=str(e))
+    key = cache_key(v, source_fingerprint=env.source.fingerprint, calib_sha256=env.calib.sha256,
                     engine=engine.name, engine_version=version)
     rec = m.variants.get(v.name)
-    fresh = rec is not None and rec.cache_key == key and _files_intact(inputs.plan.variant_dir(v), rec)
-    return version, key, rec, fresh
+    intact = rec is not None and rec.cache_key == key and _files_intact(plan.variant_dir(v), rec)
+    return Freshness(key, version, intact)
 
 
-def _prepare_engines(variants: tuple[Variant, ...], inputs: _Inputs, m: Manifest) -> None:
-    """Let engines with shared work do it once for the variants still to build.
-    Errors surface again from build() under each variant's name, so none is raised here."""
-    for fmt, engine in ENGINES.items():
-        prepare_fn = getattr(engine, "prepare", None)
-        if prepare_fn is None:
-            continue
-        try:
-            todo = [v for v in variants if v.format == fmt and not _freshness(v, inputs, m)[3]]
-            if todo:
-                inputs.report(Event("stage", task=f"{engine.name}: shared work for {len(todo)} variants"))
-                prepare_fn(todo, inputs.context(todo[0]))
-        except QuantkitError:
-            continue
+# ---------------------------------------------------------------- begin and finish
 
 
-def _give_back_memory() -> None:
+@dataclass(frozen=True)
+class Begun:
+    """A build made ready: its graph, what tasks need, and the manifest so far."""
+
+    plan: Plan
+    graph: BuildGraph
+    env: TaskEnv
+    manifest: Manifest
+    report: Reporter
+
+    def save(self, m: Manifest, name: str) -> None:
+        save_manifest(self.plan.out_dir, m)
+
+
+@dataclass(frozen=True)
+class Ran:
+    """What an executor reports back."""
+
+    manifest: Manifest
+    built: tuple[str, ...] = ()
+    failed: Mapping[str, str] = field(default_factory=dict)
+
+
+def begin(plan: Plan, *, only: list[str] | None = None, report: Reporter = quiet, preflight: bool = False,
+          machine: Machine | None = None, goal: State = State.EVALUATED, rescore: bool = False,
+          defer: bool = False) -> Begun:
+    """Preflight (before anything is read or downloaded; `machine`: what to weigh against,
+    default this one), shared inputs, manifest, graph (see graph.make_graph for the rest)."""
+    variants = plan.select(only)
+    if preflight:
+        check_resources(plan, variants, report, machine)
+    inputs = prepare(plan, report)
+    manifest = start_manifest(plan, inputs)
+    env = inputs.env()
+    fresh = {v.name: freshness(plan, v, env, manifest) for v in variants}
+    graph = make_graph(plan, variants, manifest, fresh, reference_step(inputs, report), goal=goal,
+                       keep_intermediate=plan.recipe.build.keep_intermediate, rescore=rescore, defer=defer)
+    for name in graph.skipped:
+        report(Skipped(name))
+    for v in graph.moved:  # the recipe moved it: same files, new place
+        manifest = manifest.with_variant(v.name, replace(manifest.variants[v.name], branch=v.branch, repo=v.repo))
+    if graph.moved:
+        save_manifest(plan.out_dir, manifest)
+    return Begun(plan, graph, env, manifest, report)
+
+
+def finish(b: Begun, ran: Ran) -> BuildResult:
+    """The cards of every evaluated variant, from the manifest as the executor left it."""
+    from . import card
+
+    b.report(Stage("model cards"))
+    m = card.write_cards(b.plan, ran.manifest, b.plan.out_dir)
+    save_manifest(b.plan.out_dir, m)
+    return BuildResult(m, tuple(ran.built), b.graph.skipped, dict(ran.failed))
+
+
+def build(plan: Plan, *, only: list[str] | None = None, report: Reporter = quiet,
+          preflight: bool = True) -> BuildResult:
+    """Build, evaluate and card every selected variant in this process; failures are recorded,
+    not raised. With `preflight`, a build the machine cannot hold (RAM, disk) is refused before
+    any work."""
+    b = begin(plan, only=only, report=report, preflight=preflight)
+    return finish(b, LocalExecutor().run(b))
+
+
+def reevaluate(plan: Plan, *, only: list[str] | None = None, report: Reporter = quiet) -> BuildResult:
+    """Score built variants again (e.g. after changing [evaluation]); builds nothing."""
+    if load_manifest(plan.out_dir) is None:
+        raise ManifestError(str(plan.out_dir / "manifest.json"), "not built yet: run `quantkit build` first")
+    b = begin(plan, only=only, report=report, rescore=True)
+    return finish(b, LocalExecutor().run(b))
+
+
+def check_resources(plan: Plan, variants: tuple[Variant[Any], ...], report: Reporter = quiet,
+                    machine: Machine | None = None) -> None:
+    """Estimate what the variants still to build need (resources.py) and refuse early,
+    with ResourceError, when RAM + swap or disk cannot hold it. A config the estimate
+    cannot read is a warning, not a refusal: the build itself will say what is wrong."""
+    from .resources import check_fits, plan_resources
+
+    todo = [v.name for v in unfinished(variants, load_manifest(plan.out_dir))]
+    if not todo:
+        return
+    try:
+        rp = plan_resources(plan, machine, only=todo)
+    except (ResourceError, KeyError, ValueError, TypeError) as e:
+        report(Warn(f"no resource estimate ({type(e).__name__}: {e}); building anyway"))
+        return
+    b = rp.build
+    report(Stage(f"resource plan: peak RAM ~{b.ram / 1e9:.1f} GB ({b.stage}), "
+                 f"disk ~{b.disk / 1e9:.1f} GB, ~{b.seconds / 60:.0f} min"))
+    check_fits(rp, plan.out_dir)
+
+
+# ---------------------------------------------------------------- one task
+
+
+Save = Callable[[Manifest, str], None]
+
+
+@dataclass(frozen=True)
+class Outcome:
+    kind: str  # "built" (built and/or scored), "skipped" (nothing to do), "failed"
+    reason: str | None = None  # why it failed
+
+
+def run_task(task: Task, env: TaskEnv, m: Manifest, products: Products, report: Reporter,
+             save: Save) -> tuple[Manifest, Outcome]:
+    """Build (unless only scoring) and evaluate one variant. A failure of the variant's own, or
+    of a step it needs, is recorded (state failed, with the reason) and reported, never raised;
+    re-scoring leaves a failure out of the manifest."""
+    v = task.variant
+    if task.action == Action.PUBLISH:  # nothing to build or score: the caller pushes it
+        return m, Outcome("skipped")
+    try:
+        if task.action == Action.FAIL:
+            raise _Unavailable(task.fresh.error or "its engine cannot run here")
+        return _run(task, env, m, products, report, save), Outcome("built")
+    except VARIANT_ERRORS as e:
+        reason = failure_reason(e)
+        if task.action != Action.RESCORE:
+            m = m.with_variant(v.name, failed_record(v, m, reason))
+            save(m, v.name)
+        report(Failed(v.name, reason))
+        return m, Outcome("failed", reason)
+
+
+class _Unavailable(QuantkitError):
+    """The engine cannot run here; its message was taken when the graph was made."""
+
+
+def _run(task: Task, env: TaskEnv, m: Manifest, products: Products, report: Reporter, save: Save) -> Manifest:
+    v, engine = task.variant, ENGINES[task.variant.format]
+    rec = m.variants.get(v.name)
+    if task.action != Action.RESCORE:
+        report(Started(v.name, f"{engine.name} ({task.fresh.version})"))
+    if task.action == Action.BUILD:
+        inputs = {k: product(products, k, v) for k in task.needs if k != REFERENCE}
+        art = _build_files(v, env, engine, inputs, report)
+        give_back_memory()
+        rec = VariantRecord(v.format, v.branch, v.repo, State.BUILT, task.fresh.key, v.params_dict(), art.files,
+                            art.size_bytes, art.bits_per_weight, None, round(art.seconds, 2), engine.name,
+                            task.fresh.version, art.result.note_dict())
+        m = m.with_variant(v.name, rec)
+        save(m, v.name)
+    assert rec is not None
+    es, ref = product(products, REFERENCE, v)
+    q = _evaluate(v, env, engine, es, ref, report)
+    state = rec.state if task.action == Action.RESCORE and rec.at_least(State.EVALUATED) else State.EVALUATED
+    m = m.with_variant(v.name, rec.moved_to(state, quality=_rounded(q), error=None))
+    save(m, v.name)
+    report(Done(v.name, f"ΔPPL {q.delta_ppl_pct:+.2f} %, KLD {q.kld:.4f}"))
+    return m
+
+
+def product(products: Products, key: str, v: Variant[Any]) -> Any:
+    """What a step (or another variant) made; its failure raised as this variant's."""
+    got = products[key]
+    if isinstance(got, StepFailed):
+        e = for_variant(got.error, v.name)
+        raise e if isinstance(e, VARIANT_ERRORS) else EngineError(key, f"{type(e).__name__}: {e}", v.name)
+    return got
+
+
+def failure_reason(e: BaseException) -> str:
+    if isinstance(e, QuantkitError):
+        return str(e)
+    if isinstance(e, MemoryError) or "out of memory" in str(e).lower():
+        return f"out of memory: {e}".strip()
+    last = traceback.extract_tb(e.__traceback__)[-1] if e.__traceback__ else None
+    where = f" (at {Path(last.filename).name}:{last.lineno})" if last else ""
+    return f"{type(e).__name__}: {e}{where}"
+
+
+def failed_record(v: Variant[Any], m: Manifest, reason: str) -> VariantRecord:
+    old = m.variants.get(v.name)
+    base = old or VariantRecord(v.format, v.branch, v.repo, State.FAILED, params=v.params_dict())
+    return base.moved_to(State.FAILED, error=reason)
+
+
+def give_back_memory() -> None:
     """Return freed heap memory to the system. GPTQModel's worker threads leave their malloc
     arenas full of freed blocks (2 GB at 7B widths, measured): without this the next stage
     starts on top of them."""
@@ -385,51 +439,17 @@ def _give_back_memory() -> None:
         pass
 
 
-def _release_engine(v: Variant, inputs: _Inputs) -> None:
-    """The format's last variant is done: its engine's shared temporaries can go."""
-    release = getattr(ENGINES[v.format], "release", None)
-    if release is not None:
-        for path in release(inputs.context(v)):
-            inputs.report(Event("stage", task=f"removed {path.name} (no variant needs it)"))
-
-
-def _one_variant(v: Variant, inputs: _Inputs, m: Manifest) -> tuple[Manifest, bool]:
-    engine = ENGINES[v.format]
-    version, key, rec, fresh = _freshness(v, inputs, m)
-    folder = inputs.plan.variant_dir(v)
-    if fresh and rec.at_least("evaluated"):
-        if (rec.branch, rec.repo) != (v.branch, v.repo):  # the recipe moved it: same files, new place
-            m = m.with_variant(v.name, replace(rec, branch=v.branch, repo=v.repo))
-            inputs.save(m, v.name)
-        inputs.report(Event("skip", v.name, message="up to date"))
-        return m, False
-    inputs.report(Event("start", v.name, message=f"{engine.name} ({version})"))
-    if not (fresh and rec.at_least("built")):
-        art = _build_files(v, inputs, engine)
-        _give_back_memory()
-        rec = VariantRecord(v.format, v.branch, v.repo, "built", key, v.params_dict(), art.files,
-                            art.size_bytes, art.bits_per_weight, None, round(art.seconds, 2),
-                            engine.name, version, art.result.note_dict())
-        m = m.with_variant(v.name, rec)
-        inputs.save(m, v.name)
-    assert rec is not None
-    q = _evaluate(v, inputs, engine, folder)
-    m = m.with_variant(v.name, replace(rec, state="evaluated", quality=_rounded(q), error=None))
-    inputs.save(m, v.name)
-    inputs.report(Event("done", v.name, message=f"ΔPPL {q.delta_ppl_pct:+.2f} %, KLD {q.kld:.4f}"))
-    return m, True
-
-
-def _build_files(v: Variant, inputs: _Inputs, engine: Any) -> Artifact:
+def _build_files(v: Variant[Any], env: TaskEnv, engine: Engine[Any], inputs: Products,
+                 report: Reporter) -> Artifact:
     """Build into a hidden partial folder, then swap it in: a crash leaves no half variant."""
-    out = inputs.plan.variant_dir(v)
+    out = env.plan.variant_dir(v)
     tmp = out.with_name(f".{out.name}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    inputs.work_dir.mkdir(parents=True, exist_ok=True)
+    env.work_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     try:
-        result: EngineResult = engine.build(v, inputs.context(v), tmp)
+        result = engine.build(v, env.context(v.name, report), tmp, inputs)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -445,29 +465,92 @@ def _build_files(v: Variant, inputs: _Inputs, engine: Any) -> Artifact:
     files = file_entries(out)
     if not any(f.path.endswith((".safetensors", ".gguf")) for f in files):
         raise EngineError(engine.name, "wrote no weight files", v.name)
-    # Engines that did the work ahead in prepare() report their own time for it.
     seconds = result.quantize_seconds if result.quantize_seconds is not None else seconds
-    return Artifact(out, files, bits_per_weight(files, inputs.source.n_params), seconds, result)
+    return Artifact(out, files, bits_per_weight(files, env.source.n_params), seconds, result)
 
 
-def _evaluate(v: Variant, inputs: _Inputs, engine: Any, folder: Path) -> Quality:
-    es, ref = inputs.ensure_reference()
-    inputs.report(Event("task", v.name, "evaluate", 0, len(es.chunks)))
+def _evaluate(v: Variant[Any], env: TaskEnv, engine: Engine[Any], es: EvalSet, ref: Reference,
+              report: Reporter) -> Quality:
+    report(Progress(v.name, "evaluate", 0, len(es.chunks)))
     try:
-        with engine.open_model(folder, inputs.context(v)) as fn:
-            return score(es, ref, fn, lambda d, t: inputs.report(Event("task", v.name, "evaluate", d, t)))
+        with engine.open_model(env.plan.variant_dir(v), env.context(v.name, report)) as fn:
+            return score(es, ref, fn, lambda d, t: report(Progress(v.name, "evaluate", d, t)))
     finally:
-        _give_back_memory()
+        give_back_memory()
 
 
 def _rounded(q: Quality) -> QualityRecord:
     return QualityRecord(**{k: round(val, 6) for k, val in q.as_dict().items()})
 
 
-def _cards(plan: Plan, m: Manifest, report: Reporter) -> Manifest:
-    from . import card
+# ---------------------------------------------------------------- the local executor
 
-    report(Event("stage", task="model cards"))
-    m = card.write_cards(plan, m, plan.out_dir)
-    save_manifest(plan.out_dir, m)
-    return m
+
+class LazyProducts(Mapping[str, Any]):
+    """Products made on first use: a shared step runs (after the steps it reads) just before
+    the first task that needs it, and a failure is remembered as StepFailed for this build
+    only. A variant's product is its folder, or StepFailed when it failed in this build.
+    `provided`: products made elsewhere (a Ray worker gets the reference and failures)."""
+
+    def __init__(self, steps: Mapping[str, SharedStep], env: TaskEnv, report: Reporter,
+                 provided: Mapping[str, Any] | None = None, failed: Mapping[str, str] | None = None):
+        self.steps, self.env, self.report = steps, env, report
+        self.made: dict[str, Any] = dict(provided or {})
+        self.failed = failed if failed is not None else {}
+
+    def __getitem__(self, key: str) -> Any:
+        if key in self.made:
+            return self.made[key]
+        if key in self.steps:
+            self.made[key] = self._run(self.steps[key])
+            return self.made[key]
+        if key in self.failed:
+            return StepFailed(key, EngineError(key, f"needs {key}, which failed: {self.failed[key]}"))
+        return self.env.plan.out_dir / key
+
+    def _run(self, step: SharedStep) -> Any:
+        deps = {k: self[k] for k in step.deps}
+        bad = next((d for d in deps.values() if isinstance(d, StepFailed)), None)
+        if bad is not None:
+            return bad
+        self.report(Stage(step.title if step.key == REFERENCE else f"{step.key}: {step.title}"))
+        try:
+            return step.run(self.env.context(step.key, self.report), deps)
+        except Exception as e:  # noqa: BLE001 - every task that needs it fails with it, under its own name
+            return StepFailed(step.key, e)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.made)
+
+    def __len__(self) -> int:
+        return len(self.made)
+
+
+class LocalExecutor:
+    """Runs a graph's tasks one at a time, in the graph's order, in this process; a step's
+    temporaries go once the last task that needs it has ended."""
+
+    def run(self, b: Begun) -> Ran:
+        m, built, failed = b.manifest, list[str](), dict[str, str]()
+        products = LazyProducts(b.graph.steps, b.env, b.report, failed=failed)
+        left = {k: set(users) for k, users in b.graph.release_after.items()}
+        for task in b.graph.tasks:
+            m, outcome = run_task(task, b.env, m, products, b.report, b.save)
+            name = task.variant.name
+            if outcome.kind == "failed":
+                failed[name] = outcome.reason or "failed"
+            elif outcome.kind == "built":
+                built.append(name)
+            for key in [k for k, users in left.items() if name in users]:
+                left[key].discard(name)
+                if not left[key] and key in products.made:
+                    release(b, key, products.made[key])
+        return Ran(m, tuple(built), failed)
+
+
+def release(b: Begun, key: str, made: Any) -> None:
+    """A step's temporaries, once no task needs them (graph.release_after)."""
+    if isinstance(made, StepFailed):
+        return
+    for path in b.graph.steps[key].release(b.env.context(key, b.report), made):
+        b.report(Stage(f"removed {path.name} (no variant needs it)"))

@@ -10,27 +10,12 @@ from pathlib import Path
 from typing import Any
 
 from .errors import Problem, RecipeError
-from .formats import FormatSpec
-from .recipe import SPECS, Params, Recipe, VariantSpec, valid_branch, valid_repo_name
+from .recipe import SPECS, Recipe, VariantSpec, valid_branch, valid_repo_name
+from .variant import Variant
 
 CACHE_SCHEMA = 1  # bump when what a cache key covers changes
 
-
-@dataclass(frozen=True)
-class Variant:
-    name: str
-    format: str
-    repo: str  # "{owner}/..." stays a placeholder until the owner is known
-    branch: str
-    params: Params
-    index: int  # the [[variants]] entry it came from
-
-    def params_dict(self) -> dict[str, Any]:
-        return self.params.model_dump()
-
-    @property
-    def spec(self) -> FormatSpec:
-        return SPECS[self.format]
+__all__ = ["Plan", "Variant", "cache_key", "make_plan", "repo_for"]
 
 
 @dataclass(frozen=True)
@@ -61,7 +46,7 @@ def repo_for(recipe: Recipe, fmt: str, owner: str | None = None) -> str:
 def make_plan(recipe: Recipe, out_dir: Path | None = None) -> Plan:
     """Name every variant, give each repo one `main`, and refuse collisions."""
     problems: list[Problem] = []
-    variants: list[Variant] = []
+    variants: list[Variant[Any]] = []
     seen: dict[str, VariantSpec] = {}
     for spec in recipe.variants:
         name = SPECS[spec.format].variant_name(spec.params)
@@ -101,7 +86,8 @@ def _assign_branches(variants: list[Variant], recipe: Recipe, problems: list[Pro
 
 
 def _check_repos(variants: list[Variant], recipe: Recipe) -> list[Problem]:
-    out, taken = [], {}
+    out: list[Problem] = []
+    taken: dict[tuple[str, str], int] = {}
     for v in variants:
         key = (v.repo, v.branch)
         if key in taken and v.branch != "main":  # a second main is reported already

@@ -29,8 +29,9 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from . import atomic, card
 from .records import ProgressFn, PublishedRecord, sha256_file
 from .errors import GateRefused, PublishError
-from .manifest import Manifest, VariantRecord
+from .manifest import Manifest, State, VariantRecord
 from .plan import Plan, Variant, repo_for
+from .recipe import SPECS
 
 if TYPE_CHECKING:
     from huggingface_hub import HfApi
@@ -365,7 +366,7 @@ def _variant_files(ctx: _Ctx, v: Variant, rec: VariantRecord) -> list[LocalFile]
 def _ladder(ctx: _Ctx, manifest: Manifest, v: Variant, siblings: list[Variant]) -> list[LocalFile]:
     """For a format whose tools read main (FormatSpec.ladder_on_main): the files of the repo's
     other variants, which main holds too. The same name must mean the same bytes."""
-    if v.branch != "main" or not v.spec.ladder_on_main:
+    if v.branch != "main" or not SPECS[v.format].ladder_on_main:
         return []
     own = {f.path: f for f in _variant_files(ctx, v, manifest.variants[v.name])}
     out: list[LocalFile] = []
@@ -546,7 +547,7 @@ def _ready(plan: Plan, manifest: Manifest, only: list[str] | None) -> tuple[list
             left.append((v.name, "not built"))
         elif rec.state == "failed":
             left.append((v.name, f"its build failed: {rec.error or 'see the build log'}"))
-        elif not rec.at_least("evaluated"):
+        elif not rec.at_least(State.EVALUATED):
             left.append((v.name, f"state {rec.state}: only evaluated variants are published"))
         else:
             ready.append(v)
@@ -570,7 +571,7 @@ def _mark(manifest: Manifest, b: BranchReport) -> Manifest:
     if b.status not in ("committed", "unchanged") or b.head is None:
         return manifest
     rec = manifest.variants[b.variant]
-    return manifest.with_variant(b.variant, replace(rec, state="published",
+    return manifest.with_variant(b.variant, rec.moved_to(State.PUBLISHED,
                                                     published=PublishedRecord(b.repo, b.branch, b.head)))
 
 

@@ -33,7 +33,8 @@ _HUB_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,96}$")
 _BRANCH = re.compile(r"^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*$")
 
 
-_Frozen = ParamsModel  # every recipe table has the same rules: frozen, unknown keys refused
+class _Frozen(ParamsModel):
+    """Every recipe table has the same rules: frozen, unknown keys refused."""
 
 
 # ---------------------------------------------------------------- top-level tables
@@ -198,8 +199,8 @@ class _RecipeFileBase(_Frozen):
 
 
 # Plus one table of defaults per format ([gptq], [gguf], ...), named by its spec.
-_RecipeFile = create_model("_RecipeFile", __base__=_RecipeFileBase,
-                           **{s.defaults_table: (dict[str, Any], {}) for s in SPECS.values()})
+_DEFAULT_TABLES: dict[str, Any] = {s.defaults_table: (dict[str, Any], {}) for s in SPECS.values()}
+_RecipeFile: type[_RecipeFileBase] = create_model("_RecipeFile", __base__=_RecipeFileBase, **_DEFAULT_TABLES)
 
 
 # ---------------------------------------------------------------- loading
@@ -282,7 +283,7 @@ def _join_path(parts: list[str]) -> str:
     return out
 
 
-def _expand_all(rf: _RecipeFile, problems: list[Problem]) -> list[VariantSpec]:
+def _expand_all(rf: _RecipeFileBase, problems: list[Problem]) -> list[VariantSpec]:
     out: list[VariantSpec] = []
     for i, entry in enumerate(rf.variants):
         fmt = entry.get("format")
@@ -333,7 +334,7 @@ def _validate_combo(i: int, fmt: str, combo: dict[str, Any], body: dict[str, Any
                 src = f"variants[{i}]"
             problems.append(Problem(src, msg))
         return None
-    return VariantSpec(format=fmt, params=params, branch=branch, index=i)  # type: ignore[arg-type]
+    return VariantSpec(format=fmt, params=params, branch=branch, index=i)
 
 
 def _check_branches(recipe: Recipe) -> list[Problem]:

@@ -9,12 +9,11 @@ import hashlib
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from .calibration import CalibrationSet
+from . import atomic
 
 # (task, done, total): long work reports through this; the CLI draws it.
 ProgressFn = Callable[[str, int, "int | None"], None]
@@ -59,6 +58,39 @@ def bits_per_weight(files: tuple[FileEntry, ...], n_params: int) -> float:
 
 
 # ---------------------------------------------------------------- what engines get and give
+
+
+@dataclass(frozen=True, eq=False)
+class CalibrationSet:
+    """The calibration windows every variant of a build shares (quantkit.calibration makes it)."""
+
+    windows: np.ndarray  # [samples, seq_len] int32 token ids, BOS first
+    texts: tuple[str, ...]  # the formatted items the windows were cut from, in order
+    eval_texts: tuple[str, ...]  # held-out plain contexts
+    sha256: str  # of the windows: the cache key for everything built from them
+    source: str  # where the text came from, for cards and messages
+    n_items: int  # formatted items used
+    n_contexts: int  # distinct contexts available for calibration
+    tokens_available: int  # tokens in all formatted items (before cutting windows)
+
+    def examples(self) -> list[dict[str, list[int]]]:
+        """Windows as GPTQModel's calibration examples."""
+        return [{"input_ids": w.tolist(), "attention_mask": [1] * len(w)} for w in self.windows]
+
+    def write_text(self, path: Path) -> Path:
+        """Plain text for llama-imatrix: the formatted items, blank line between."""
+        return atomic.write_text(path, "\n\n".join(self.texts) + "\n")
+
+    def write_parquet(self, path: Path) -> Path:
+        """A `text` column per item, the form exllamav2's converter reads with -c."""
+        import io
+
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        buf = io.BytesIO()
+        pq.write_table(pa.table({"text": list(self.texts)}), buf)
+        return atomic.write_bytes(path, buf.getvalue())
 
 
 @dataclass(frozen=True)

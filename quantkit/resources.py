@@ -64,7 +64,9 @@ def plan_resources(plan: Any, machine: Machine | None = None, config: dict[str, 
     shared = _shared(selected, shape, work, machine)
     ref = replace(ref, disk=reference_cache_bytes(shape, work))
     # Memory to run each variant, from the estimated size of its files (the card has the measured one).
-    run = {v.name: (v.spec.run_device, run_memory(_output_bytes(variants[v.name]), shape, v.spec.run_overhead(shape)))
+    specs = {v.name: ENGINES[v.format].spec for v in selected}
+    run = {v.name: (specs[v.name].run_device, run_memory(_output_bytes(variants[v.name]), shape,
+                                                          specs[v.name].run_overhead(shape)))
            for v in selected}
     return ResourcePlan(machine, shape, variants, _combine(list(variants.values()), [ref, *shared]), run)
 
@@ -101,14 +103,14 @@ def _with_reference(e: Estimate, ref: Estimate) -> Estimate:
 
 
 def _shared(variants: Any, shape: ModelShape, work: Workload, machine: Machine) -> list[Estimate]:
-    """Work an engine does once for all its variants (GGUF: convert and imatrix)."""
+    """Work an engine does once for all its variants (its shared steps: GGUF's convert and imatrix)."""
     from .engines import ENGINES
 
     out = []
     for fmt in dict.fromkeys(v.format for v in variants):
-        shared = getattr(ENGINES[fmt], "shared_estimate", None)
-        if shared is not None:
-            out.append(shared(shape, work, machine))
+        for step in ENGINES[fmt].shared_steps([v for v in variants if v.format == fmt]):
+            if step.estimate is not None:
+                out.append(step.estimate(shape, work, machine))
     return out
 
 

@@ -18,7 +18,7 @@ GB = 10**9
 
 # The build's own process with torch, transformers, the engines, the tokenizer and the
 # calibration set loaded: 0.3 GB after calibration, 0.45 GB once the engines are imported.
-PROCESS_BASE = 0.45 * GB
+PROCESS_BASE = int(0.45 * GB)
 GROUP_TOKENS = 2048  # quantkit.streaming: tokens per forward of the reference
 
 

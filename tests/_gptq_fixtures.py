@@ -69,4 +69,4 @@ def quality(engine: Any, folder: Path, bench: Bench) -> Quality:
 def build(engine: Any, variant: Variant, bench: Bench, out: Path) -> dict[str, Any]:
     out.mkdir(parents=True)
     bench.events.clear()
-    return engine.build(variant, bench.context(), out).note_dict()  # the manifest's notes
+    return engine.build(variant, bench.context(), out, {}).note_dict()  # the manifest's notes

@@ -91,7 +91,7 @@ def fabricate_files(v: Variant, folder: Path, *, weight_bytes: int, seed: int) -
     folder.mkdir(parents=True, exist_ok=True)
     if v.format == "gguf":  # named as the engine names them; the imatrix beside the files it steered
         (folder / f"tiny_german.{v.name.removeprefix('gguf-')}.gguf").write_bytes(b"GGUF" + _weights(rng, weight_bytes))
-        if gguf.SPEC.name == v.format and gguf._uses_imatrix(v.params_dict()):
+        if gguf.SPEC.name == v.format and gguf.uses_imatrix(v.params_dict()):
             (folder / "tiny_german.imatrix").write_bytes(random.Random("imatrix").randbytes(4096))
         return
     (folder / "model.safetensors").write_bytes(_weights(rng, weight_bytes))

@@ -28,8 +28,19 @@ def test_a_format_module_importing_a_stage_breaks_the_contract(tmp_path: Path) -
     """A wrong import (the GGUF module reaching up into evaluation) fails the check."""
     shutil.copytree(ROOT / "quantkit", tmp_path / "quantkit", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(ROOT / "pyproject.toml", tmp_path)
-    gguf = tmp_path / "quantkit" / "engines" / "gguf.py"
-    gguf.write_text(gguf.read_text() + "\nfrom ..evaluate import score  # deliberately wrong\n")
+    gguf = tmp_path / "quantkit" / "engines" / "gguf" / "engine.py"
+    gguf.write_text(gguf.read_text() + "\nfrom ...evaluate import score  # deliberately wrong\n")
     res = _lint(tmp_path)
     assert res.returncode != 0
-    assert "BROKEN" in res.stdout and "quantkit.engines.gguf -> quantkit.evaluate" in res.stdout, res.stdout
+    assert "BROKEN" in res.stdout and "quantkit.engines.gguf.engine -> quantkit.evaluate" in res.stdout, res.stdout
+
+
+def test_a_type_checking_import_counts_too(tmp_path: Path) -> None:
+    """A cycle hidden behind `if TYPE_CHECKING` (the old Variant-above-the-engines one) fails too."""
+    shutil.copytree(ROOT / "quantkit", tmp_path / "quantkit", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "pyproject.toml", tmp_path)
+    gptq = tmp_path / "quantkit" / "engines" / "gptq.py"
+    gptq.write_text(gptq.read_text() + "\nfrom typing import TYPE_CHECKING\nif TYPE_CHECKING:\n"
+                    "    from ..plan import Plan  # deliberately wrong\n")
+    res = _lint(tmp_path)
+    assert res.returncode != 0 and "quantkit.engines.gptq -> quantkit.plan" in res.stdout, res.stdout

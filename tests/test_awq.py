@@ -58,7 +58,7 @@ def test_autoawq_engine_without_autoawq(monkeypatch: pytest.MonkeyPatch, bench: 
     monkeypatch.setitem(sys.modules, "awq", None)
     v = variant_of(bench.source, 'format = "awq"\nengine = "autoawq"\ngroup_size = 64')
     with pytest.raises(EngineUnavailable, match=r"quantkit-workbench\[autoawq\]"):
-        AWQ.build(v, bench.context(), tmp_path)
+        AWQ.build(v, bench.context(), tmp_path, {})
 
 
 def test_version_names_gptqmodel() -> None:

@@ -19,7 +19,8 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 from quantkit.cli import app
-from quantkit.engines import exl2, llamacpp
+from quantkit import toolchain as llamacpp
+from quantkit.engines import exl2
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = (ROOT / "Dockerfile").read_text()
@@ -110,7 +111,7 @@ def test_no_build_step_compiles_for_the_build_machine(flavor: str, monkeypatch: 
     assert guard in code and not re.search(r"-march=native|GGML_NATIVE=ON|CFLAGS|CMAKE_ARGS", code.replace(guard, ""))
     for key, value in _env(flavor).items():
         monkeypatch.setenv(key, value)
-    assert any("from quantkit.engines.llamacpp import build_toolchain; build_toolchain()" in a
+    assert any("from quantkit.toolchain import build_toolchain; build_toolchain()" in a
                for _, i, a in _instructions() if i == "RUN")
     flags = [*llamacpp.CMAKE_FLAGS, *llamacpp.extra_cmake_flags(Path(_env(flavor)["QUANTKIT_CACHE"]))]
     assert {"-DGGML_NATIVE=OFF", "-DGGML_BACKEND_DL=ON", "-DGGML_CPU_ALL_VARIANTS=ON"} <= set(flags)

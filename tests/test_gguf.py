@@ -14,12 +14,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from quantkit import toolchain as llamacpp
 from quantkit.engines import gguf as gguf_engine
-from quantkit.engines import llamacpp
-from quantkit.records import BuildContext, SourceModel
+from quantkit.engines.gguf import BASE, IMATRIX, GGUFParams
 from quantkit.errors import EngineError, EngineUnavailable
-from quantkit.plan import Variant
-from quantkit.engines.gguf import GGUFParams
+from quantkit.pipeline import product
+from quantkit.records import BuildContext, SourceModel
+from quantkit.steps import StepFailed
+from quantkit.variant import Variant
 
 
 @pytest.fixture(scope="module")
@@ -72,6 +74,23 @@ def variant(quant: str, imatrix: bool = True) -> Variant:
     return Variant(f"gguf-{quant}{suffix}", "gguf", "{owner}/m-GGUF", quant, params, 0)
 
 
+def run_steps(eng, vs, ctx) -> dict:
+    """The engine's shared steps for these variants, each once, as an executor runs them."""
+    made: dict = {}
+    for s in eng.shared_steps(vs):
+        try:
+            made[s.key] = s.run(ctx, {k: made[k] for k in s.deps})
+        except Exception as e:  # noqa: BLE001 - what the executors hand the variants
+            made[s.key] = StepFailed(s.key, e)
+    return made
+
+
+def build(eng, v, ctx, out: Path, made: dict | None = None):
+    """One variant's task: its shared steps' products (made now unless given), then build()."""
+    made = run_steps(eng, [v], ctx) if made is None else made
+    return eng.build(v, ctx, out, {k: product(made, k, v) for k in eng.needs(v, [v])})
+
+
 @pytest.fixture(scope="module")
 def tiny(tiny_llama, tmp_path_factory, toolchain):
     ctx, tok, events = make_ctx(tiny_llama, tmp_path_factory.mktemp("work"), name="tiny-llama")
@@ -86,14 +105,15 @@ def _eval_ids(tok, ctx, n: int = 128) -> np.ndarray:
 def test_quantized_file_reads_back_with_metadata(tiny, toolchain):
     ctx, _, events, out = tiny
     eng = gguf_engine.GGUFEngine()
-    notes = eng.build(variant("Q4_K_M"), ctx, out / "q4km").note_dict()
+    made = run_steps(eng, [variant("Q4_K_M")], ctx)
+    notes = build(eng, variant("Q4_K_M"), ctx, out / "q4km", made).note_dict()
     path = out / "q4km" / "tiny-llama.Q4_K_M.gguf"
     # the file, and the importance matrix that steered it (published beside it, as on the Hub)
     assert notes["file"] == path.name and sorted(p.name for p in (out / "q4km").iterdir()) == [
         path.name, "tiny-llama.imatrix"]
-    assert (out / "q4km" / "tiny-llama.imatrix").read_bytes() == eng.imatrix(ctx)[0].read_bytes()
+    assert (out / "q4km" / "tiny-llama.imatrix").read_bytes() == made[IMATRIX][0].read_bytes()
     got = gguf_engine.read_back(path)
-    base, base_info = eng.base_gguf(ctx)
+    base, base_info = made[BASE]
     assert got["architecture"] == "llama" and got["tensors"] == base_info["tensors"] == 21
     assert got["file_type"] == gguf_engine.file_type_of("Q4_K_M") == 15
     assert got["name"] == "tiny-llama" and got["quantized_by"] == "quantkit"
@@ -110,7 +130,8 @@ def test_header_reader_agrees_with_gguf_reader(tiny, toolchain, tmp_path):
 
     ctx, _, _, out = tiny
     eng = gguf_engine.GGUFEngine()
-    notes = eng.build(variant("Q4_K_M"), ctx, out / "hdr").note_dict()
+    made = run_steps(eng, [variant("Q4_K_M")], ctx)
+    notes = build(eng, variant("Q4_K_M"), ctx, out / "hdr", made).note_dict()
     path = out / "hdr" / notes["file"]
     r = GGUFReader(path)
     mine = gguf_engine.read_back(path)
@@ -124,30 +145,35 @@ def test_header_reader_agrees_with_gguf_reader(tiny, toolchain, tmp_path):
     cut = tmp_path / "cut.gguf"
     cut.write_bytes(path.read_bytes()[:-1000])
     with pytest.raises(EngineError, match="read back wrong: complete False"):
-        gguf_engine.check(cut, "Q4_K_M", eng.base_gguf(ctx)[1], "v")
+        gguf_engine.check(cut, "Q4_K_M", made[BASE][1], "v")
     (tmp_path / "junk.gguf").write_bytes(b"not a gguf at all")
     with pytest.raises(EngineError, match="does not read back as GGUF"):
-        gguf_engine.check(tmp_path / "junk.gguf", "Q4_K_M", eng.base_gguf(ctx)[1], "v")
+        gguf_engine.check(tmp_path / "junk.gguf", "Q4_K_M", made[BASE][1], "v")
 
 
-def test_shared_inputs_are_made_once_and_keyed(tiny, toolchain):
+def test_shared_steps_find_their_files_again_and_are_keyed(tiny, toolchain):
+    """A step that runs again (a resumed build, a Ray task on the same disk) reads its files
+    back instead of making them again; another source gets other files."""
     ctx, *_ = tiny
     eng = gguf_engine.GGUFEngine()
-    base, _ = eng.base_gguf(ctx)
-    im, info = eng.imatrix(ctx)
+    assert [s.key for s in eng.shared_steps([variant("Q4_0", False)])] == [BASE]
+    assert [s.key for s in eng.shared_steps([variant("Q4_0", False), variant("Q4_K_M")])] == [BASE, IMATRIX]
+    made = run_steps(eng, [variant("Q4_K_M")], ctx)
+    (base, _), (im, info) = made[BASE], made[IMATRIX]
     mtimes = base.stat().st_mtime_ns, im.stat().st_mtime_ns
-    assert eng.base_gguf(ctx)[0] == base and eng.imatrix(ctx)[0] == im
+    again = run_steps(eng, [variant("Q4_K_M")], ctx)
+    assert again[BASE][0] == base and again[IMATRIX][0] == im
     assert (base.stat().st_mtime_ns, im.stat().st_mtime_ns) == mtimes
     assert info["chunks"] >= 1 and info["dataset"].endswith(".txt")
     other = BuildContext(ctx.source.__class__(**{**ctx.source.__dict__, "fingerprint": "other"}),
-                         ctx.calib, ctx.work_dir, "cpu", ctx.progress)
-    assert gguf_engine.GGUFEngine()._stage_dir(variant("Q8_0"), other) != eng._stage_dir(variant("Q8_0"), ctx)
+                         ctx.calib, ctx.work_dir / "other", "cpu", ctx.progress)
+    assert run_steps(eng, [variant("Q4_0", False)], other)[BASE][0].parent.name != base.parent.name
 
 
 def test_float_variant_is_a_plain_copy(tiny, toolchain):
     ctx, _, _, out = tiny
     eng = gguf_engine.GGUFEngine()
-    notes = eng.build(variant("F16"), ctx, out / "f16").note_dict()
+    notes = build(eng, variant("F16"), ctx, out / "f16").note_dict()
     got = gguf_engine.read_back(out / "f16" / notes["file"])
     assert got["tensor_types"] == {"F16": 16, "F32": 5} and not notes["imatrix"]
     assert got["imatrix_dataset"] is None
@@ -159,7 +185,7 @@ def test_f16_gguf_matches_hf_logits(tiny, toolchain, bindings, tiny_llama):
 
     ctx, tok, _, out = tiny
     eng = gguf_engine.GGUFEngine()
-    eng.build(variant("F16"), ctx, out / "f16-logits")
+    build(eng, variant("F16"), ctx, out / "f16-logits")
     ids = _eval_ids(tok, ctx)
     with hf_logits(tiny_llama) as hf:
         ref = hf(ids)
@@ -196,7 +222,7 @@ def test_imatrix_changes_the_quantization(tiny, toolchain, bindings):
     ids = _eval_ids(tok, ctx)
     logits = {}
     for v in (variant("F16"), variant("Q2_K"), variant("Q2_K", imatrix=False)):
-        eng.build(v, ctx, out / f"im-{v.name}")
+        build(eng, v, ctx, out / f"im-{v.name}")
         with eng.open_model(out / f"im-{v.name}", ctx) as fn:
             logits[v.name] = _log_softmax(fn(ids))
     p = logits["gguf-F16"]
@@ -204,39 +230,37 @@ def test_imatrix_changes_the_quantization(tiny, toolchain, bindings):
     assert kld["gguf-Q2_K"] != kld["gguf-Q2_K-noimatrix"] and all(v > 0 for v in kld.values())
 
 
-def test_prepare_runs_types_in_parallel_and_build_moves_them(tiny, toolchain):
+def test_every_type_quantizes_from_the_one_conversion(tiny, toolchain):
+    """Three types from one set of shared steps: one conversion, then one llama-quantize each."""
     ctx, _, events, out = tiny
-    eng = gguf_engine.GGUFEngine(jobs=2)
+    eng = gguf_engine.GGUFEngine()
     vs = [variant("Q8_0"), variant("Q4_0"), variant("Q3_K_M")]
-    assert eng.prepare(vs, ctx) == {}
-    staged = [eng._stage_dir(v, ctx) for v in vs]
-    assert all(any(d.glob("*.gguf")) for d in staged)
+    before = [t for t, *_ in events].count("convert to F16 GGUF")
+    made = run_steps(eng, vs, ctx)
     for v in vs:
-        notes = eng.build(v, ctx, out / f"p-{v.name}").note_dict()
-        assert (out / f"p-{v.name}" / notes["file"]).is_file()
-    assert not any(any(d.glob("*.gguf")) for d in staged)  # moved, not copied
-    # build() without a staged file quantizes on its own
-    assert eng.build(vs[0], ctx, out / "again").notes["file"] == "tiny-llama.Q8_0.gguf"
+        notes = build(eng, v, ctx, out / f"p-{v.name}", made).note_dict()
+        assert (out / f"p-{v.name}" / notes["file"]).is_file() and notes["quant"] == v.params.quant
+    assert [t for t, *_ in events].count("convert to F16 GGUF") == before  # converted earlier, read back
+    assert {t for t, *_ in events} >= {"quantize Q8_0", "quantize Q4_0", "quantize Q3_K_M"}
 
 
 def test_iq_without_imatrix_is_refused_others_kept(tiny, toolchain):
     ctx, _, _, out = tiny
     eng = gguf_engine.GGUFEngine()
     bad, good = variant("IQ4_XS", imatrix=False), variant("Q4_0", imatrix=False)
-    failed = eng.prepare([bad, good], ctx)
-    assert list(failed) == [bad.name]
+    made = run_steps(eng, [bad, good], ctx)
     with pytest.raises(EngineError) as e:
-        eng.build(bad, ctx, out / "iq")
+        build(eng, bad, ctx, out / "iq", made)
     assert str(e.value) == ("gguf-IQ4_XS-noimatrix: gguf: IQ4_XS needs an importance matrix: "
                             "set imatrix = true (or pick a K-quant such as Q4_K_M)")
     assert not (out / "iq").exists()
     # a plain file has a name of its own: main holds it beside an imatrix one of the same type
-    assert eng.build(good, ctx, out / "q40").notes["file"] == "tiny-llama.Q4_0-noimatrix.gguf"
+    assert build(eng, good, ctx, out / "q40", made).notes["file"] == "tiny-llama.Q4_0-noimatrix.gguf"
 
 
 def test_iq_with_imatrix_builds(tiny, toolchain):
     ctx, _, _, out = tiny
-    notes = gguf_engine.GGUFEngine().build(variant("IQ4_XS"), ctx, out / "iq4xs").note_dict()
+    notes = build(gguf_engine.GGUFEngine(), variant("IQ4_XS"), ctx, out / "iq4xs").note_dict()
     assert notes["imatrix"] and notes["tensor_types"].get("IQ4_XS", 0) > 0
 
 
@@ -248,56 +272,60 @@ def test_unknown_architecture_is_one_line(tiny_llama, tmp_path, toolchain):
     (model / "config.json").write_text(json.dumps(cfg))
     ctx, *_ = make_ctx(model, tmp_path / "work")
     eng = gguf_engine.GGUFEngine()
-    failed = eng.prepare([variant("Q4_K_M"), variant("Q8_0")], ctx)
-    assert set(failed) == {"gguf-Q4_K_M", "gguf-Q8_0"}
-    with pytest.raises(EngineError) as e:
-        eng.build(variant("Q8_0"), ctx, tmp_path / "out")
-    assert str(e.value) == ("gguf-Q8_0: gguf: llama.cpp's converter does not support architecture "
-                            "WeirdLMForCausalLM")
+    made = run_steps(eng, [variant("Q4_K_M"), variant("Q8_0")], ctx)
+    assert isinstance(made[BASE], StepFailed) and isinstance(made[IMATRIX], StepFailed)
+    for v in (variant("Q4_K_M"), variant("Q8_0")):
+        with pytest.raises(EngineError) as e:
+            build(eng, v, ctx, tmp_path / "out", made)
+        assert str(e.value) == (f"{v.name}: gguf: llama.cpp's converter does not support architecture "
+                                "WeirdLMForCausalLM")
 
 
 def test_imatrix_failure_fails_only_the_variants_that_need_it(tiny_llama, tmp_path, toolchain, monkeypatch):
     ctx, *_ = make_ctx(tiny_llama, tmp_path / "work", name="tiny-llama")
     calls = []
 
-    def broken(self, *a):
+    def broken(*a):
         calls.append(1)
         raise EngineError("gguf", "computing the importance matrix failed: boom")
 
-    monkeypatch.setattr(gguf_engine.GGUFEngine, "_compute_imatrix", broken)
+    monkeypatch.setattr(gguf_engine.engine, "_compute_imatrix", broken)
     eng = gguf_engine.GGUFEngine()
-    failed = eng.prepare([variant("Q4_K_M"), variant("IQ4_XS"), variant("Q8_0"), variant("Q4_0", False)], ctx)
-    assert failed == {n: f"{n}: gguf: computing the importance matrix failed: boom"
-                      for n in ("gguf-Q4_K_M", "gguf-IQ4_XS")}
+    vs = [variant("Q4_K_M"), variant("IQ4_XS"), variant("Q8_0"), variant("Q4_0", False)]
+    made = run_steps(eng, vs, ctx)
+    for v in vs[:2]:
+        with pytest.raises(EngineError) as e:
+            build(eng, v, ctx, tmp_path / v.name, made)
+        assert str(e.value) == f"{v.name}: gguf: computing the importance matrix failed: boom"
     assert calls == [1]  # tried once, reported by each variant that needs it
-    assert eng.build(variant("Q8_0"), ctx, tmp_path / "q8").notes["file"] == "tiny-llama.Q8_0.gguf"
+    assert build(eng, vs[2], ctx, tmp_path / "q8", made).notes["file"] == "tiny-llama.Q8_0.gguf"
+    assert build(eng, vs[3], ctx, tmp_path / "q4", made).notes["file"] == "tiny-llama.Q4_0-noimatrix.gguf"
 
 
 def test_full_disk_fails_that_variant_only(tiny, toolchain, monkeypatch):
     ctx, _, _, out = tiny
     eng = gguf_engine.GGUFEngine()
-    eng.base_gguf(ctx)
-    eng.imatrix(ctx)
-    real_free = gguf_engine._free
-    q8_dir = eng._stage_dir(variant("Q8_0"), ctx)
-    monkeypatch.setattr(gguf_engine, "_free", lambda p: 5 << 20 if p == q8_dir else real_free(p))
-    failed = eng.prepare([variant("Q8_0"), variant("Q4_0")], ctx)
-    assert list(failed) == ["gguf-Q8_0"]
-    assert failed["gguf-Q8_0"].startswith("gguf-Q8_0: gguf: disk full: Q8_0 needs")
-    assert eng.build(variant("Q4_0"), ctx, out / "disk-q40").notes["file"] == "tiny-llama.Q4_0.gguf"
+    made = run_steps(eng, [variant("Q8_0"), variant("Q4_0")], ctx)
+    real_free = gguf_engine.tools.free_bytes
+    q8_dir = out / "disk-q8"
+    monkeypatch.setattr(gguf_engine.tools, "free_bytes", lambda p: 5 << 20 if p == q8_dir else real_free(p))
+    with pytest.raises(EngineError) as e:
+        build(eng, variant("Q8_0"), ctx, q8_dir, made)
+    assert str(e.value).startswith("gguf-Q8_0: gguf: disk full: Q8_0 needs")
+    assert build(eng, variant("Q4_0"), ctx, out / "disk-q40", made).notes["file"] == "tiny-llama.Q4_0.gguf"
 
 
 def test_write_error_on_a_full_disk_is_named(tiny, toolchain, monkeypatch, tmp_path):
     """llama-quantize only says `iostream error`; with no space left the message says disk full."""
     ctx, *_ = tiny
     eng = gguf_engine.GGUFEngine()
-    eng.base_gguf(ctx)
+    made = run_steps(eng, [variant("Q8_0")], ctx)
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "tiny-llama.Q8_0.partial").symlink_to("/dev/full")  # writes fail: ENOSPC
-    monkeypatch.setattr(gguf_engine, "_need_space", lambda *a: None)
-    monkeypatch.setattr(gguf_engine, "_free", lambda p: 0)
+    monkeypatch.setattr(gguf_engine.engine, "need_space", lambda *a: None)
+    monkeypatch.setattr(gguf_engine.tools, "free_bytes", lambda p: 0)
     with pytest.raises(EngineError) as e:
-        eng.build(variant("Q8_0"), ctx, tmp_path / "full")
+        build(eng, variant("Q8_0"), ctx, tmp_path / "full", made)
     assert str(e.value).startswith("gguf-Q8_0: gguf: disk full while quantizing to Q8_0 in ")
     assert not (tmp_path / "full" / "tiny-llama.Q8_0.partial").exists()
 
@@ -312,9 +340,7 @@ def test_missing_toolchain_is_one_line(tiny, monkeypatch, tmp_path):
         eng.version()
     assert llamacpp.BUILD_COMMAND in str(e.value) and "\n" not in str(e.value)
     with pytest.raises(EngineUnavailable):
-        eng.build(variant("Q4_K_M"), ctx, tmp_path / "out")
-    with pytest.raises(EngineUnavailable):
-        eng.prepare([variant("Q4_K_M")], ctx)
+        build(eng, variant("Q4_K_M"), ctx, tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 
@@ -332,7 +358,7 @@ def test_smollm2_f16_matches_hf_and_imatrix_helps(smollm2_2l, tmp_path, toolchai
         ref = hf(ids)
     out = {}
     for v in (variant("BF16"), variant("Q2_K"), variant("Q2_K", imatrix=False)):
-        eng.build(v, ctx, tmp_path / v.name)
+        build(eng, v, ctx, tmp_path / v.name)
         with eng.open_model(tmp_path / v.name, ctx) as fn:
             out[v.name] = fn(ids)
     assert np.abs(out["gguf-BF16"] - ref).max() < 1.0  # measured 0.28; without the q/k permutation 35

@@ -152,7 +152,7 @@ def test_auto_gptq_engine_without_auto_gptq(monkeypatch: pytest.MonkeyPatch, ben
     monkeypatch.setitem(sys.modules, "auto_gptq", None)
     v = variant_of(bench.source, 'format = "gptq"\nbits = 4\ngroup_size = 64\nengine = "auto-gptq"')
     with pytest.raises(EngineUnavailable, match=r"quantkit-workbench\[auto-gptq\]") as e:
-        GPTQ.build(v, bench.context(), tmp_path)
+        GPTQ.build(v, bench.context(), tmp_path, {})
     assert e.value.variant == v.name
     assert not any(tmp_path.iterdir())
 
@@ -179,7 +179,7 @@ def test_gptq_on_cuda(tiny_llama: Path, tmp_path: Path) -> None:
     ctx = replace(bench_ctx, device="cuda")
     v = variant_of(tiny_llama, 'format = "gptq"\nbits = 4\ngroup_size = 64')
     (tmp_path / "out").mkdir()
-    notes = GPTQ.build(v, ctx, tmp_path / "out").note_dict()
+    notes = GPTQ.build(v, ctx, tmp_path / "out", {}).note_dict()
     assert notes["device"] == "cuda"
     with GPTQ.open_model(tmp_path / "out", ctx) as fn:
         logits = fn(bench.eval_set.chunks[0])

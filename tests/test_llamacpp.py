@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from quantkit.engines import llamacpp
+from quantkit import toolchain as llamacpp
 from quantkit.errors import EngineUnavailable
 
 

@@ -40,7 +40,7 @@ def variant(name: str, **params) -> Variant:
 def build(bench: Bench, out: Path, **params) -> tuple[Path, dict]:
     out.mkdir(parents=True)
     notes = MLX.build(variant("-".join(f"{v}" for v in params.values()) or "default", **params),
-                      bench.context(), out).note_dict()
+                      bench.context(), out, {}).note_dict()
     return out, notes
 
 
@@ -139,7 +139,7 @@ def test_gptq_repacked_exactly_and_beats_rtn(smol2: Bench, smol2_rtn: tuple[Path
     ctx = dataclasses.replace(bench.context(), keep_intermediate=True)
     out = tmp_path / "out"
     out.mkdir()
-    notes = MLX.build(variant("gptq", method="gptq", bits=4, group_size=64), ctx, out).note_dict()
+    notes = MLX.build(variant("gptq", method="gptq", bits=4, group_size=64), ctx, out, {}).note_dict()
     assert notes["method"].startswith("gptq (GPTQModel ") and "repacked to MLX affine" in notes["method"]
     assert notes["repacked_modules"] == 14 and notes["calibration_samples"] == len(smol2.calib.windows)
     mlx_lm.load(str(out))
@@ -189,7 +189,7 @@ def test_awq_repacked_exactly_with_its_folded_norms(smol2: Bench, tmp_path: Path
     ctx = dataclasses.replace(bench.context(), keep_intermediate=True)
     out = tmp_path / "out"
     out.mkdir()
-    notes = MLX.build(variant("awq", method="awq", bits=4, group_size=64), ctx, out).note_dict()
+    notes = MLX.build(variant("awq", method="awq", bits=4, group_size=64), ctx, out, {}).note_dict()
     assert notes["method"].startswith("awq (GPTQModel ") and notes["repacked_modules"] == 14
     mods, rest, fmt = _read_quantized(ctx.work_dir / "awq.awq")
     assert fmt == "awq"

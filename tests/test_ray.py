@@ -19,7 +19,7 @@ import pytest
 ray = pytest.importorskip("ray")
 
 from _hub_fixtures import hub  # noqa: E402, F401 - the local Hub server fixture
-from quantkit import cluster  # noqa: E402
+from quantkit import cluster, events  # noqa: E402
 from quantkit.cli import _ray_argv  # noqa: E402
 from quantkit.manifest import load_manifest  # noqa: E402
 from quantkit.plan import make_plan  # noqa: E402
@@ -89,16 +89,40 @@ def _weights(out: Path) -> dict[str, str]:
             and p.name not in ("README.md", "manifest.json")}
 
 
+def _timeless(out: Path) -> dict:
+    """manifest.json without what a second run measures differently: seconds, and the cards."""
+    doc = json.loads((out / "manifest.json").read_text())
+    for rec in doc["variants"].values():
+        rec.pop("seconds")
+        rec["notes"].pop("quantize_seconds", None)
+        rec["files"] = [f for f in rec["files"] if f["path"] != "README.md"]
+    return doc
+
+
 # ---------------------------------------------------------------- fast
 
 
 def test_resources_come_from_the_engines_and_fit_the_largest_node() -> None:
+    from quantkit.engines import ENGINES
+    from quantkit.recipe import parse_recipe
+
+    plan = make_plan(parse_recipe('[model]\nsource = "org/m"\n[[variants]]\nformat = "gguf"\nquant = "Q4_K_M"\n'
+                                  '[[variants]]\nformat = "gptq"\n[[variants]]\nformat = "awq"\n'
+                                  '[[variants]]\nformat = "mlx"\nmethod = ["rtn", "gptq"]\n', check_source=False))
+    want = {v.name: ENGINES[v.format].resources(v) for v in plan.variants}
+
+    def clamp(name: str, most: dict[str, float]) -> tuple[dict[str, float], list[str]]:
+        return cluster.clamp(name, want[name], most)
+
     cpu_only = {"CPU": 2.0}
-    assert cluster.task_resources("gguf", cpu_only)[0] == {"num_cpus": 2.0}  # 4 wanted, 2 exist
-    assert cluster.task_resources("gguf", {"CPU": 16.0})[0] == {"num_cpus": 4.0}
-    res, notes = cluster.task_resources("gptq", cpu_only)
+    assert clamp("gguf-Q4_K_M", cpu_only)[0] == {"num_cpus": 2.0}  # 4 wanted, 2 exist
+    assert clamp("gguf-Q4_K_M", {"CPU": 16.0})[0] == {"num_cpus": 4.0}
+    res, notes = clamp("gptq-4bit-128g-actorder_True", cpu_only)
     assert res == {"num_cpus": 2.0} and "no node has a GPU" in notes[0]  # the CPU path, a node each
-    assert cluster.task_resources("awq", {"CPU": 16.0, "GPU": 8.0}) == ({"num_gpus": 1.0, "num_cpus": 1.0}, [])
+    assert clamp("awq-4bit-128g", {"CPU": 16.0, "GPU": 8.0}) == ({"num_cpus": 1.0, "num_gpus": 1.0}, [])
+    # MLX declares its own: round to nearest is one mlx-lm call on the CPU, GPTQ runs on torch's GPU
+    assert clamp("mlx-4bit-64g-rtn", {"CPU": 16.0, "GPU": 8.0}) == ({"num_cpus": 1.0}, [])
+    assert clamp("mlx-4bit-64g-gptq", {"CPU": 16.0, "GPU": 8.0})[0]["num_gpus"] == 1.0
 
 
 def test_bare_ray_option_means_a_local_cluster(tmp_path: Path) -> None:
@@ -133,6 +157,8 @@ def test_ray_build_gives_the_plain_builds_files_and_skips_on_rerun(tiny_llama: P
     for name, rec in mb.variants.items():
         assert rec.state == "carded" and rec.files == ma.variants[name].files
         assert rec.quality == ma.variants[name].quality
+    # the whole manifests, apart from timings (and the cards, which show them)
+    assert _timeless(tmp_path / "plain") == _timeless(tmp_path / "ray")
     assert "variants on the Ray cluster" in on_ray.stderr and "pid" in on_ray.stderr  # the live view
     again = subprocess.run([*QUANTKIT, "build", str(recipe), "--out", str(tmp_path / "ray"), "--ray"],
                            env=_env(), capture_output=True, text=True, timeout=LIMIT_S)
@@ -154,12 +180,12 @@ def test_worker_killed_mid_variant_is_retried_and_nothing_finished_is_rebuilt(
     order: list[str] = []
 
     def report(ev) -> None:
-        if ev.kind == "node":
+        if isinstance(ev, events.OnNode):
             runs.setdefault(ev.variant, []).append(int(ev.message.rsplit("pid ", 1)[1]))
-        if ev.kind == "done" and not mtime:
+        if isinstance(ev, events.Done) and not mtime:
             mtime[ev.variant] = (plan.out_dir / ev.variant / "model.safetensors").stat().st_mtime_ns
             order.append(ev.variant)
-        if ev.kind == "task" and mtime and ev.variant not in mtime and not killed:
+        if isinstance(ev, events.Progress) and mtime and ev.variant not in mtime and not killed:
             order.append(ev.variant)
             killed.append(runs[ev.variant][-1])
             os.kill(killed[0], signal.SIGKILL)
@@ -185,7 +211,7 @@ def test_a_variant_failing_for_its_own_reasons_is_recorded(tiny_llama: Path, tmp
     plan = make_plan(load_recipe(_recipe(tmp_path, tiny_llama, '[[variants]]\nformat = "exl2"\nbpw = 4.0\n')),
                      tmp_path / "out")
     nodes: list[str] = []
-    res = cluster.build(plan, report=lambda ev: nodes.append(ev.variant) if ev.kind == "node" else None)
+    res = cluster.build(plan, report=lambda ev: nodes.append(ev.variant) if isinstance(ev, events.OnNode) else None)
     m = load_manifest(plan.out_dir)
     assert m is not None
     if m.variants["exl2-4.0bpw"].state != "failed":  # a CUDA machine with exllamav2 built it

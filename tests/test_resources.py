@@ -132,7 +132,7 @@ def test_estimates_cover_every_format():
     assert {v.format for v in plan.variants} == set(ENGINES)
     rp = plan_resources(plan, resources.MACHINES["h100"], LLAMA2_13B)
     assert all(e.ram > 0 and e.disk > 0 for e in rp.variants.values())
-    gpu = {v.name for v in plan.variants if v.spec.run_device == "VRAM"}  # runs on a GPU: needs one to build
+    gpu = {v.name for v in plan.variants if ENGINES[v.format].spec.run_device == "VRAM"}  # runs on a GPU: needs one to build
     assert gpu and all(rp.variants[n].vram > 0 for n in gpu)
     assert all(rp.run[v.name][1].total > 0 for v in plan.variants)
 

@@ -26,7 +26,7 @@ def scale():
 
 @pytest.fixture(scope="module")
 def toolchain_ready():
-    from quantkit.engines import llamacpp
+    from quantkit import toolchain as llamacpp
     from quantkit.errors import EngineUnavailable
 
     try:

@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from quantkit import formats as f
 from quantkit.engines import gguf as g
-from quantkit.engines import llamacpp
+from quantkit import toolchain as llamacpp
 from quantkit.errors import EngineError, EngineUnavailable, PublishError, RecipeError
 from quantkit.plan import Variant, make_plan
 from quantkit.recipe import load_recipe, parse_recipe
@@ -63,7 +63,7 @@ def test_shard_helpers_follow_llama_cpp_naming() -> None:
     assert g.first_shard(parts) == "m.Q8_0-00001-of-00003.gguf"
     assert g.include_pattern(parts) == "m.Q8_0-*-of-00003.gguf"
     assert g.shards(["m.Q4_K_M.gguf", "README.md"]) == ["m.Q4_K_M.gguf"] == [g.include_pattern(["m.Q4_K_M.gguf"])]
-    assert g._missing_shards(parts[:2]) == ["m.Q8_0-00002-of-00003.gguf"]
+    assert g.missing_shards(parts[:2]) == ["m.Q8_0-00002-of-00003.gguf"]
     assert g.first_shard(["README.md"]) == ""
 
 
@@ -220,13 +220,13 @@ def _q8(limit: str) -> Variant:
 @pytest.fixture(scope="module")
 def tiny_q8(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory, toolchain):
     """tiny-llama Q8_0 (2.2 MB) built twice: split at 2M (1 MB of tensors a shard), and whole."""
-    from test_gguf import make_ctx
+    from test_gguf import build, make_ctx
 
     ctx, tok, _ = make_ctx(tiny_llama, tmp_path_factory.mktemp("work"), name="tiny-llama")
     out = tmp_path_factory.mktemp("out")
     eng = g.GGUFEngine()
-    split = eng.build(_q8("2M"), ctx, out / "split").note_dict()
-    whole = eng.build(_q8("20G"), ctx, out / "whole").note_dict()
+    split = build(eng, _q8("2M"), ctx, out / "split").note_dict()
+    whole = build(eng, _q8("20G"), ctx, out / "whole").note_dict()
     return eng, ctx, tok, out, split, whole
 
 
@@ -265,35 +265,46 @@ def test_a_missing_shard_is_refused_at_evaluation(tiny_q8, tmp_path: Path) -> No
 
 
 def test_a_limit_below_the_largest_tensor_fails_cleanly(tiny_q8, tmp_path: Path) -> None:
+    from test_gguf import build
+
     eng, ctx, *_ = tiny_q8
     with pytest.raises(EngineError, match="split_max_size 1 MB is too small"):
-        eng.quantize(_q8("1M"), ctx, tmp_path / "v")
+        build(eng, _q8("1M"), ctx, tmp_path / "v")
     assert list((tmp_path / "v").iterdir()) == []
 
 
-def test_prepare_stages_shards_and_build_moves_them(tiny_llama: Path, tmp_path: Path, toolchain) -> None:
-    """The pipeline's path: prepare() quantizes and splits ahead, build() moves every shard."""
-    from test_gguf import make_ctx
+def test_a_build_of_a_split_variant_lands_every_shard(tiny_llama: Path, tmp_path: Path, toolchain) -> None:
+    """The pipeline's path (`quantkit build`): the variant folder holds every shard, the
+    manifest lists them, and the file the card names is the first."""
+    import json
 
-    ctx, *_ = make_ctx(tiny_llama, tmp_path / "work", name="tiny-llama")
-    eng = g.GGUFEngine(jobs=1)
-    assert eng.prepare([_q8("2M")], ctx) == {}
-    notes = eng.build(_q8("2M"), ctx, tmp_path / "v").note_dict()
-    assert sorted(p.name for p in (tmp_path / "v").iterdir()) == [g.shard_name("tiny-llama.Q8_0", i, 3)
-                                                                  for i in (1, 2, 3)]
-    assert notes["file"] == "tiny-llama.Q8_0-00001-of-00003.gguf"
+    from typer.testing import CliRunner
+
+    from quantkit.cli import app
+
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(f'[model]\nsource = "{tiny_llama}"\nname = "tiny-llama"\n[calibration]\nsamples = 4\n'
+                      'seq_len = 128\n[evaluation]\ntokens = 512\nctx = 128\n[[variants]]\nformat = "gguf"\n'
+                      'quant = "Q8_0"\nsplit_max_size = "2M"\n')
+    res = CliRunner().invoke(app, ["build", str(recipe), "--out", str(tmp_path / "b")])
+    assert res.exit_code == 0, res.output
+    shards = [g.shard_name("tiny-llama.Q8_0", i, 3) for i in (1, 2, 3)]
+    assert sorted(p.name for p in (tmp_path / "b" / "gguf-Q8_0").glob("*.gguf")) == shards
+    rec = json.loads((tmp_path / "b" / "manifest.json").read_text())["variants"]["gguf-Q8_0"]
+    assert [f["path"] for f in rec["files"] if f["path"].endswith(".gguf")] == shards
+    assert rec["notes"]["file"] == shards[0] and rec["state"] == "carded"
 
 
 @pytest.mark.slow
 def test_smollm2_q8_0_split_at_40m(smollm2: Path, tmp_path: Path, toolchain) -> None:
     """The issue's check: SmolLM2-135M Q8_0 (145 MB) at split_max_size 40M: 4 shards, each
     under 40 MB, the same logits as the unsplit file."""
-    from test_gguf import _eval_ids, make_ctx
+    from test_gguf import _eval_ids, build, make_ctx
 
     ctx, tok, _ = make_ctx(smollm2, tmp_path / "work", name="SmolLM2-135M-Instruct")
     eng = g.GGUFEngine()
-    split = eng.build(_q8("40M"), ctx, tmp_path / "split").note_dict()
-    eng.build(_q8("20G"), ctx, tmp_path / "whole")
+    split = build(eng, _q8("40M"), ctx, tmp_path / "split").note_dict()
+    build(eng, _q8("20G"), ctx, tmp_path / "whole")
     parts = sorted((tmp_path / "split").iterdir())
     assert split["shards"] == len(parts) == 4 and all(p.stat().st_size <= 40_000_000 for p in parts)
     ids = _eval_ids(tok, ctx, 256)

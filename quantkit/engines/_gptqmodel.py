@@ -117,7 +117,7 @@ def engine_output(log_path: Path | None) -> Iterator[None]:
         log_path.parent.mkdir(parents=True, exist_ok=True)
     sink = _Sink(log_path)
     try:
-        with contextlib.redirect_stdout(sink):  # type: ignore[type-var]
+        with contextlib.redirect_stdout(sink):
             yield
     finally:
         sink.close()

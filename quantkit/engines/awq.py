@@ -12,19 +12,18 @@ from __future__ import annotations
 from collections.abc import Mapping
 from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from pydantic import field_validator
 
 from .. import formats as f
 from ..errors import EngineError, EngineUnavailable
 from ..records import BuildContext, EngineResult, LogitsFn
-from ..sizing import gpu_runtime_overhead
+from ..sizing import Estimate, Machine, ModelShape, Workload, gpu_runtime_overhead
+from ..steps import ONE_GPU, Products, TaskResources
+from ..variant import Variant
 from . import _gptqmodel as gm
-
-if TYPE_CHECKING:
-    from ..plan import Variant
-    from ..sizing import Estimate, Machine, ModelShape, Workload
+from .base import Engine
 
 AUTOAWQ_EXTRA = "pip install 'quantkit-workbench[autoawq]'"
 AUTOAWQ_PARALLEL_SAMPLES = 8  # AutoAWQ runs all samples at once by default: a memory spike
@@ -74,15 +73,19 @@ SPEC = f.FormatSpec(
 )
 
 
-class AWQEngine:
+class AWQEngine(Engine[AWQParams]):
     name = "awq"
     spec = SPEC
 
     def version(self) -> str:
         return gm.gptqmodel_version()
 
-    def build(self, variant: Variant, ctx: BuildContext, out_dir: Path) -> EngineResult:
-        p: AWQParams = variant.params  # type: ignore[assignment]
+    def resources(self, variant: Variant[AWQParams]) -> TaskResources:
+        return ONE_GPU
+
+    def build(self, variant: Variant[AWQParams], ctx: BuildContext, out_dir: Path,
+              inputs: Products) -> EngineResult:
+        p = variant.params
         examples = gm.calibration_examples(ctx.calib.windows)
         device = gm.device_of(ctx.device)
         if p.engine == "autoawq":
@@ -106,8 +109,9 @@ class AWQEngine:
         return gm.open_quantized(folder, gm.device_of(ctx.device),
                                  ctx.work_dir / f"{folder.name}.gptqmodel.log")
 
-    def estimate(self, variant: Variant, shape: ModelShape, work: Workload, machine: Machine) -> Estimate:
-        p: AWQParams = variant.params  # type: ignore[assignment]
+    def estimate(self, variant: Variant[AWQParams], shape: ModelShape, work: Workload,
+                 machine: Machine) -> Estimate:
+        p = variant.params
         # The scale search runs the layer ~20 times per module group: measured 6.5x GPTQ's
         # time on SmolLM2-135M (1676 s against 259 s), i.e. about 13 passes to GPTQ's 2.
         return gm.estimate(shape, work, machine, p.bits, p.group_size, passes=13,
@@ -127,10 +131,10 @@ def awq_config(p: AWQParams) -> dict[str, Any]:
 # ---------------------------------------------------------------- optional: AutoAWQ
 
 
-def _build_autoawq(variant: Variant, ctx: BuildContext, out_dir: Path,
+def _build_autoawq(variant: Variant[AWQParams], ctx: BuildContext, out_dir: Path,
                    examples: list[dict[str, list[int]]]) -> str:
     """AutoAWQ 0.2.9 on the same token windows. Returns its version."""
-    p: AWQParams = variant.params  # type: ignore[assignment]
+    p = variant.params
     try:
         import awq
         from awq import AutoAWQForCausalLM

@@ -1,46 +1,66 @@
-"""The Engine protocol every format module implements. The records it exchanges live in
-quantkit.records, its format knowledge in a FormatSpec (quantkit.formats)."""
+"""The engine contract: every hook a format module implements, with the defaults in one
+place. The records it exchanges live in quantkit.records and quantkit.steps, its format
+knowledge in a FormatSpec (quantkit.formats).
+
+Engines keep no state between calls: what a shared step makes is its return value, handed
+to `build` in `inputs`; one engine object serves every build of a process.
+"""
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import Generic, TypeVar
 
 from ..formats import FormatSpec
 from ..records import BuildContext, EngineResult, LogitsFn
+from ..sizing import Estimate, Machine, ModelShape, Workload
+from ..steps import Products, SharedStep, TaskResources
+from ..variant import ParamsModel, Variant
 
-if TYPE_CHECKING:
-    from ..plan import Variant
-    from ..sizing import Estimate, Machine, ModelShape, Workload
+P = TypeVar("P", bound=ParamsModel)
 
 
-class Engine(Protocol):
-    """One module per format implements this; ENGINES in __init__.py lists them."""
+class Engine(ABC, Generic[P]):
+    """One module per format subclasses this; ENGINES in __init__.py lists them.
+
+    Required: `name`, `spec`, `version`, `build`, `open_model`, `estimate`, `resources`.
+    Optional, with the defaults below: `shared_steps`, `needs`.
+    """
 
     name: str  # the engine's name in messages and cache keys
     spec: FormatSpec  # everything the other stages need to know about its format
 
+    @abstractmethod
     def version(self) -> str:
         """Engine name+version string; raises EngineUnavailable when it cannot run here."""
-        ...
 
-    def build(self, variant: Variant, ctx: BuildContext, out_dir: Path) -> EngineResult:
-        """Write the variant's files into out_dir (created, empty)."""
-        ...
+    @abstractmethod
+    def build(self, variant: Variant[P], ctx: BuildContext, out_dir: Path, inputs: Products) -> EngineResult:
+        """Write the variant's files into out_dir (created, empty). `inputs` holds the products
+        of everything `needs` named: shared steps by key, other variants' folders by name."""
 
+    @abstractmethod
     def open_model(self, folder: Path, ctx: BuildContext) -> AbstractContextManager[LogitsFn]:
         """Load a built variant the way its users do and yield a logits function."""
-        ...
 
-    def estimate(self, variant: Variant, shape: ModelShape, work: Workload, machine: Machine) -> Estimate:
+    @abstractmethod
+    def estimate(self, variant: Variant[P], shape: ModelShape, work: Workload, machine: Machine) -> Estimate:
         """Peak RAM/VRAM, disk and seconds of building and scoring the variant (quantkit.resources)."""
-        ...
 
+    @abstractmethod
+    def resources(self, variant: Variant[P]) -> TaskResources:
+        """What one build task of this variant asks of a cluster node (quantkit.cluster)."""
 
-# An engine may also define `prepare(variants, ctx) -> {name: error}`: work shared by the
-# variants of one build, done before the per-variant loop (the GGUF engine converts once,
-# computes the imatrix once and quantizes all types in parallel there), and
-# `release(ctx) -> list[Path]`: delete the temporaries of that shared work once the last of
-# its variants is built (the 16-bit GGUF: as large as the source), unless ctx.keep_intermediate;
-# and `shared_estimate(shape, work, machine)`: what prepare() needs, once per build.
+    def shared_steps(self, variants: Sequence[Variant[P]]) -> tuple[SharedStep, ...]:
+        """Work the given variants share, done once per build before the first that needs it.
+        Default: none."""
+        return ()
+
+    def needs(self, variant: Variant[P], variants: Sequence[Variant[P]]) -> tuple[str, ...]:
+        """What `build` reads: keys of shared steps, and names of other variants of the build
+        (`variants`: this format's variants in the plan) whose folders it uses. Default: the
+        shared steps this variant alone would need, no other variant."""
+        return tuple(s.key for s in self.shared_steps([variant]))

@@ -13,19 +13,16 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
-
 import numpy as np
-
 from pydantic import field_validator
 
 from .. import formats as f
 from ..errors import EngineError, EngineUnavailable
 from ..records import BuildContext, EngineResult, LogitsFn
 from ..sizing import PROCESS_BASE, Estimate, Machine, ModelShape, OutputFiles, Workload, gpu_runtime_overhead
-
-if TYPE_CHECKING:
-    from ..plan import Variant
+from ..steps import ONE_GPU, Products, TaskResources
+from ..variant import Variant
+from .base import Engine
 
 PIN = "0.3.2"
 
@@ -74,9 +71,12 @@ SPEC = f.FormatSpec(
 )
 
 
-class EXL2Engine:
+class EXL2Engine(Engine[EXL2Params]):
     name = "exllamav2"
     spec = SPEC
+
+    def resources(self, variant: Variant[EXL2Params]) -> TaskResources:
+        return ONE_GPU
 
     def version(self) -> str:
         try:
@@ -88,8 +88,9 @@ class EXL2Engine:
             raise EngineUnavailable(self.name, "EXL2 conversion needs a CUDA GPU; none found")
         return f"exllamav2 {v}"
 
-    def build(self, variant: Variant, ctx: BuildContext, out_dir: Path) -> EngineResult:
-        p: EXL2Params = variant.params  # type: ignore[assignment]
+    def build(self, variant: Variant[EXL2Params], ctx: BuildContext, out_dir: Path,
+              inputs: Products) -> EngineResult:
+        p = variant.params
         work = ctx.work_dir / f"exl2-job-{variant.name}"
         calib = ctx.calib.write_parquet(ctx.work_dir / f"calibration-{ctx.calib.sha256[:12]}.parquet")
         seq = int(ctx.calib.windows.shape[1])
@@ -109,7 +110,8 @@ class EXL2Engine:
         ctx.progress("exllamav2 convert", 1, 1)
         return EngineResult(_quantizer(), "cuda", notes={"bpw": p.bpw, "head_bits": p.head_bits})
 
-    def estimate(self, variant: Variant, shape: ModelShape, work: Workload, machine: Machine) -> Estimate:
+    def estimate(self, variant: Variant[EXL2Params], shape: ModelShape, work: Workload,
+                 machine: Machine) -> Estimate:
         """exllamav2's converter: a measurement pass and a quantization pass over the calibration
         rows, one layer on the GPU at a time (unmeasured here: no GPU; from its design)."""
         out = int(shape.params * variant.params.bpw / 8)

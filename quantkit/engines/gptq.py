@@ -11,19 +11,18 @@ import json
 from collections.abc import Mapping
 from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
 from .. import formats as f
 from ..errors import EngineError, EngineUnavailable
 from ..records import BuildContext, EngineResult, LogitsFn
-from ..sizing import gpu_runtime_overhead
+from ..sizing import Estimate, Machine, ModelShape, Workload, gpu_runtime_overhead
+from ..steps import ONE_GPU, Products, TaskResources
+from ..variant import Variant
 from . import _gptqmodel as gm
-
-if TYPE_CHECKING:
-    from ..plan import Variant
-    from ..sizing import Estimate, Machine, ModelShape, Workload
+from .base import Engine
 
 AUTOGPTQ_EXTRA = "pip install 'quantkit-workbench[auto-gptq]'"
 
@@ -101,15 +100,19 @@ SPEC = f.FormatSpec(
 )
 
 
-class GPTQEngine:
+class GPTQEngine(Engine[GPTQParams]):
     name = "gptq"
     spec = SPEC
 
     def version(self) -> str:
         return gm.gptqmodel_version()
 
-    def build(self, variant: Variant, ctx: BuildContext, out_dir: Path) -> EngineResult:
-        p: GPTQParams = variant.params  # type: ignore[assignment]
+    def resources(self, variant: Variant[GPTQParams]) -> TaskResources:
+        return ONE_GPU
+
+    def build(self, variant: Variant[GPTQParams], ctx: BuildContext, out_dir: Path,
+              inputs: Products) -> EngineResult:
+        p = variant.params
         examples = gm.calibration_examples(ctx.calib.windows, p.seq_len)
         device = gm.device_of(ctx.device)
         if p.engine == "auto-gptq":
@@ -128,8 +131,9 @@ class GPTQEngine:
         return gm.open_quantized(folder, gm.device_of(ctx.device),
                                  ctx.work_dir / f"{folder.name}.gptqmodel.log")
 
-    def estimate(self, variant: Variant, shape: ModelShape, work: Workload, machine: Machine) -> Estimate:
-        p: GPTQParams = variant.params  # type: ignore[assignment]
+    def estimate(self, variant: Variant[GPTQParams], shape: ModelShape, work: Workload,
+                 machine: Machine) -> Estimate:
+        p = variant.params
         return gm.estimate(shape, work, machine, p.bits, p.group_size, passes=2,  # inputs, then outputs
                            max_file_bytes=f.parse_size(p.split_max_size))
 
@@ -148,9 +152,9 @@ def gptq_config(p: GPTQParams) -> dict[str, Any]:
             "true_sequential": p.true_sequential}
 
 
-def _build_gptqmodel(variant: Variant, ctx: BuildContext, out_dir: Path,
+def _build_gptqmodel(variant: Variant[GPTQParams], ctx: BuildContext, out_dir: Path,
                      examples: list[dict[str, list[int]]], device: str) -> None:
-    p: GPTQParams = variant.params  # type: ignore[assignment]
+    p = variant.params
     job = gm.QuantJob(GPTQEngine.name, ctx.source.path, "GPTQConfig", gptq_config(p), examples, device,
                       max_file_bytes=f.parse_size(p.split_max_size))
     gm.run(job, out_dir, ctx.progress, ctx.work_dir / f"{variant.name}.gptqmodel.log",
@@ -160,10 +164,10 @@ def _build_gptqmodel(variant: Variant, ctx: BuildContext, out_dir: Path,
 # ---------------------------------------------------------------- optional: AutoGPTQ
 
 
-def _build_autogptq(variant: Variant, ctx: BuildContext, out_dir: Path,
+def _build_autogptq(variant: Variant[GPTQParams], ctx: BuildContext, out_dir: Path,
                     examples: list[dict[str, list[int]]], device: str) -> str:
     """AutoGPTQ 0.7.1, for those who want the original implementation. Returns its version."""
-    p: GPTQParams = variant.params  # type: ignore[assignment]
+    p = variant.params
     try:
         import auto_gptq
         from auto_gptq import AutoGPTQForCausalLM, BaseQuantizeConfig

@@ -27,12 +27,13 @@ through `mlx_lm.load` itself to check that.
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 import json
 import shutil
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import field_validator, model_validator
@@ -41,9 +42,9 @@ from .. import formats as f
 from ..errors import EngineError, EngineUnavailable
 from ..records import BuildContext, EngineResult, LogitsFn
 from ..sizing import PROCESS_BASE, Estimate, Machine, ModelShape, Workload, gpu_runtime_overhead
-
-if TYPE_CHECKING:
-    from ..plan import Variant
+from ..steps import ONE_GPU, Products, TaskResources
+from ..variant import Variant
+from .base import Engine
 
 MLX_EXTRA = "pip install 'mlx[cpu]' mlx-lm  (on macOS: pip install mlx-lm)"
 BITS = (2, 3, 4, 6, 8)  # what mx.quantize packs in affine mode
@@ -146,15 +147,21 @@ SPEC = f.FormatSpec(
 # ---------------------------------------------------------------- the engine
 
 
-class MLXEngine:
+class MLXEngine(Engine[MLXParams]):
     name = "mlx"
     spec = SPEC
 
     def version(self) -> str:
         return mlx_version()
 
-    def build(self, variant: Variant, ctx: BuildContext, out_dir: Path) -> EngineResult:
-        p: MLXParams = variant.params  # type: ignore[assignment]
+    def resources(self, variant: Variant[MLXParams]) -> TaskResources:
+        """GPTQ/AWQ run GPTQModel on torch (a GPU when there is one); round to nearest is one
+        mlx-lm call on MLX's own device (the CPU on a Linux node)."""
+        return ONE_GPU if variant.params.method in CALIBRATED_BITS else TaskResources(cpus=1)
+
+    def build(self, variant: Variant[MLXParams], ctx: BuildContext, out_dir: Path,
+              inputs: Products) -> EngineResult:
+        p = variant.params
         quantizer = self.version()
         log = ctx.work_dir / f"{variant.name}.mlx.log"
         ctx.work_dir.mkdir(parents=True, exist_ok=True)
@@ -178,8 +185,9 @@ class MLXEngine:
     def open_model(self, folder: Path, ctx: BuildContext) -> AbstractContextManager[LogitsFn]:
         return torch_scorer(folder, device="cuda" if ctx.device == "cuda" else "cpu")
 
-    def estimate(self, variant: Variant, shape: ModelShape, work: Workload, machine: Machine) -> Estimate:
-        p: MLXParams = variant.params  # type: ignore[assignment]
+    def estimate(self, variant: Variant[MLXParams], shape: ModelShape, work: Workload,
+                 machine: Machine) -> Estimate:
+        p = variant.params
         return estimate(shape, work, machine, p)
 
 
@@ -197,7 +205,7 @@ def mlx_version() -> str:
     except Exception as e:  # noqa: BLE001 - missing, or a wheel for another platform
         raise EngineUnavailable("mlx", f"cannot import mlx / mlx-lm ({type(e).__name__}: {e}); "
                                 f"install them with {MLX_EXTRA}") from None
-    return f"mlx-lm {mlx_lm.__version__} (mlx {mx.__version__})"
+    return f"mlx-lm {importlib.metadata.version('mlx-lm')} (mlx {importlib.metadata.version('mlx')})"
 
 
 # ---------------------------------------------------------------- rtn: mlx_lm.convert
@@ -258,7 +266,7 @@ def _output_to(log: Path) -> Iterator[None]:
 # ---------------------------------------------------------------- gptq / awq: GPTQModel + repack
 
 
-def _build_calibrated(variant: Variant, ctx: BuildContext, out_dir: Path, p: MLXParams) -> dict[str, Any]:
+def _build_calibrated(variant: Variant[MLXParams], ctx: BuildContext, out_dir: Path, p: MLXParams) -> dict[str, Any]:
     """GPTQModel quantizes on torch into work_dir; its groups are repacked into MLX files."""
     from . import _gptqmodel as gm
 
@@ -268,9 +276,10 @@ def _build_calibrated(variant: Variant, ctx: BuildContext, out_dir: Path, p: MLX
     tmp = ctx.work_dir / f"{variant.name}.{p.method}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    job = gm.QuantJob(f"mlx/{p.method}", ctx.source.path, *_gptqmodel_config(p), examples, device,
-                      **({"backend": "AWQ_TORCH", "dtype": "bfloat16"} if p.method == "awq" and device == "cpu"
-                         else {}))
+    # AWQ on the CPU: GPTQModel's torch kernel, which packs only bf16/fp16 (as the AWQ engine does)
+    cpu_awq: dict[str, Any] = {"backend": "AWQ_TORCH", "dtype": "bfloat16"} if p.method == "awq" \
+        and device == "cpu" else {}
+    job = gm.QuantJob(f"mlx/{p.method}", ctx.source.path, *_gptqmodel_config(p), examples, device, **cpu_awq)
     try:
         gm.run(job, tmp, ctx.progress, ctx.work_dir / f"{variant.name}.gptqmodel.log",
                offload_dir=ctx.work_dir / f"{variant.name}.offload")
@@ -368,7 +377,8 @@ def repack_to_mlx(quantized: Path, source: Path, out_dir: Path, p: MLXParams) ->
     import mlx.nn as nn
     from mlx_lm.utils import load, quantize_model, save
 
-    model, tokenizer, config = load(str(source), lazy=True, return_config=True)
+    loaded: Any = load(str(source), lazy=True, return_config=True)
+    model, tokenizer, config = loaded
     if (dt := _source_dtype(source)) is not None:
         model.set_dtype(getattr(mx, dt))
     model, config = quantize_model(model, config, p.group_size, p.bits)
@@ -467,7 +477,7 @@ def dequantized_state(folder: Path) -> dict[str, Any]:
     default = cfg.get("quantization") or {}
     weights: dict[str, Any] = {}
     for shard in sorted(folder.glob("model*.safetensors")):
-        weights.update(mx.load(str(shard)))
+        weights.update(dict(mx.load(str(shard))))  # type: ignore[arg-type]
     out: dict[str, Any] = {}
     for k, v in weights.items():
         prefix, _, leaf = k.rpartition(".")
@@ -477,7 +487,8 @@ def dequantized_state(folder: Path) -> dict[str, Any]:
     for k in weights:
         if k.endswith(".scales"):
             prefix = k[:-len(".scales")]
-            q = default.get(prefix) if isinstance(default.get(prefix), dict) else default
+            own = default.get(prefix)
+            q: dict[str, Any] = own if isinstance(own, dict) else default
             w = mx.dequantize(weights[f"{prefix}.weight"], weights[k].astype(mx.float32),
                               weights[f"{prefix}.biases"].astype(mx.float32),
                               group_size=q["group_size"], bits=q["bits"], mode=q.get("mode", "affine"))
@@ -529,7 +540,7 @@ def mlx_lm_logits(folder: Path, ids: np.ndarray, dtype: str | None = "float32") 
     import mlx.core as mx
     import mlx_lm
 
-    model, _ = mlx_lm.load(str(folder))
+    model = mlx_lm.load(str(folder))[0]
     if dtype is not None:
         model.set_dtype(getattr(mx, dtype))
     logits = model(mx.array(np.asarray(ids, dtype=np.int32))[None])[0].astype(mx.float32)

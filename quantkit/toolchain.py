@@ -1,4 +1,4 @@
-"""The llama.cpp toolchain: the HF→GGUF converter, llama-quantize/-imatrix/-perplexity,
+"""The llama.cpp toolchain (a builder, not an engine): the HF→GGUF converter, llama-quantize/-imatrix/-perplexity,
 llama-gguf-split, the bindings.
 
 Found in this order, each part on its own: an explicit directory (argument or
@@ -30,8 +30,9 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from ..errors import EngineError, EngineUnavailable
+from .errors import EngineError, EngineUnavailable
 
 PIN = "0.3.36"  # llama-cpp-python: the bindings, and the llama.cpp tree the tools are built from
 SDIST = f"llama_cpp_python-{PIN}"
@@ -168,7 +169,7 @@ def cached_build_is_pinned(cache: Path | None = None) -> bool:
     if not cmake_cache.is_file():
         return False
     m = re.search(r"^CMAKE_HOME_DIRECTORY:INTERNAL=(.*)$", cmake_cache.read_text(errors="replace"), re.M)
-    return bool(m) and f"/{SDIST}/" in m.group(1) + "/"
+    return m is not None and f"/{SDIST}/" in m.group(1) + "/"
 
 
 def extra_cmake_flags(cache: Path | None = None) -> list[str]:
@@ -220,7 +221,7 @@ def find_toolchain(llama_cpp_dir: str | Path | None = None) -> Toolchain:
     if conv is None:
         conv, conv_from = _converter_in(sdist_dir(cache) / "vendor" / "llama.cpp"), f"cache ({cache})"
     missing = ([", ".join(REQUIRED_TOOLS)] if tools is None else []) + ([CONVERTER] if conv is None else [])
-    if missing:
+    if tools is None or conv is None:
         raise EngineUnavailable("gguf", f"llama.cpp not found ({' and '.join(missing)}; looked in "
                                 f"LLAMA_CPP_DIR, PATH, {cache}): run `{BUILD_COMMAND}` once (~7 min)")
     return Toolchain(conv[0], conv[1], tools["llama-quantize"], tools["llama-imatrix"],
@@ -361,7 +362,8 @@ def fetch_sdist(cache: Path, progress: Progress = _no_progress) -> Path:
               f"llama-cpp-python=={PIN}", "-d", str(src)], what="download sdist")
     with tempfile.TemporaryDirectory(dir=src) as tmp, tarfile.open(tarball) as tf:
         # Pythons without extraction filters (3.11.2 of Debian 12) unpack PyPI's pinned sdist as is.
-        tf.extractall(tmp, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
+        safe: dict[str, Any] = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+        tf.extractall(tmp, **safe)
         shutil.rmtree(dest, ignore_errors=True)
         (Path(tmp) / SDIST).rename(dest)
     tarball.unlink()  # 74 MB a CI cache need not carry: the unpacked tree is what is used

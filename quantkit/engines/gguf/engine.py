@@ -1,0 +1,303 @@
+"""The GGUF engine: convert the source once to a 16-bit GGUF and compute the importance matrix
+once from the calibration text (two shared steps), quantize each type from that one file, read
+it back before it counts, split a file above `split_max_size` into llama.cpp's shards, and
+evaluate through the Python bindings from the first shard, as users load it.
+
+The 16-bit GGUF and the imatrix live in the build's work_dir, keyed by everything that changes
+them (source fingerprint, llama.cpp version, calibration hash): a resumed build finds them, and
+a different source or calibration never reuses them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ... import formats as f
+from ... import toolchain as llamacpp
+from ...errors import EngineError
+from ...records import BuildContext, EngineResult, LogitsFn
+from ...sizing import Estimate, Machine, ModelShape, Workload
+from ...steps import Products, SharedStep, TaskResources
+from ...variant import Variant
+from ..base import Engine
+from .estimate import (IMATRIX_CTX, convert_estimate, expected_bytes, imatrix_ctx, imatrix_estimate, output_files,
+                       variant_estimate)
+from .files import file_name, imatrix_file, missing_shards, model_name, quantized_by, remove_shards, shards, slug
+from .header import check, imatrix_info, read_back
+from .params import GGUF_TYPES, GGUFParams, check_params, suffix, uses_imatrix
+from .spec import SPEC
+from .split import check_shards, split_file
+from .tools import explain, llama_threads, need_space, run
+
+BASE = "gguf/base"  # shared step: the 16-bit GGUF -> (path, read_back info)
+IMATRIX = "gguf/imatrix"  # shared step: the importance matrix -> (path, imatrix_info)
+RAY_CPUS = 4  # cores per GGUF task on a Ray cluster: llama-quantize and scoring use them all
+RAY = TaskResources(cpus=RAY_CPUS)
+
+
+@dataclass(frozen=True)
+class Built:
+    """One quantized model, checked: one file or its shards in order; `notes` become card lines."""
+
+    paths: tuple[Path, ...]
+    notes: dict[str, Any]
+
+    @property
+    def path(self) -> Path:
+        return self.paths[0]
+
+
+def _key(*parts: object) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def base_type(source: Path) -> str:
+    """BF16 for bf16 checkpoints (lossless), else F16, as llama.cpp's `--outtype auto` picks."""
+    try:
+        cfg = json.loads((source / "config.json").read_text())
+    except (OSError, ValueError):
+        return "F16"
+    dtype = str(cfg.get("dtype") or cfg.get("torch_dtype") or cfg.get("text_config", {}).get("dtype", ""))
+    return "BF16" if "bfloat16" in dtype else "F16"
+
+
+def _copy_imatrix(src: Path, dest: Path) -> None:
+    """A hard link when the file system allows (same bytes, no copy), else a copy."""
+    dest.unlink(missing_ok=True)
+    try:
+        os.link(src, dest)
+    except OSError:
+        shutil.copyfile(src, dest)
+
+
+class GGUFEngine(Engine[GGUFParams]):
+    """Engine for `format = "gguf"`; see the module docstring for the flow."""
+
+    name = "gguf"
+    spec = SPEC
+
+    def __init__(self, llama_cpp_dir: str | Path | None = None):
+        self.llama_cpp_dir = llama_cpp_dir  # None: LLAMA_CPP_DIR, PATH, then the cache
+
+    def toolchain(self) -> llamacpp.Toolchain:
+        return llamacpp.find_toolchain(self.llama_cpp_dir)
+
+    def version(self) -> str:
+        tc = self.toolchain()
+        return f"llama.cpp {tc.version()} / llama-cpp-python {llamacpp.PIN}"
+
+    def resources(self, variant: Variant[GGUFParams]) -> TaskResources:
+        return RAY
+
+    # -- shared steps: the 16-bit GGUF and the importance matrix
+
+    def shared_steps(self, variants: Sequence[Variant[GGUFParams]]) -> tuple[SharedStep, ...]:
+        steps = [SharedStep(BASE, "convert to a 16-bit GGUF", self.base_gguf, release=release_base,
+                            estimate=convert_estimate, resources=RAY)]
+        if any(check_params(v, raise_=False)[1] for v in variants):
+            steps.append(SharedStep(IMATRIX, "importance matrix", self.imatrix, deps=(BASE,),
+                                    estimate=imatrix_estimate, resources=RAY))
+        return tuple(steps)
+
+    def base_gguf(self, ctx: BuildContext, inputs: Products) -> tuple[Path, dict[str, Any]]:
+        """Convert the source once per (source, llama.cpp version, name) into work_dir."""
+        tc = self.toolchain()
+        btype = base_type(ctx.source.path)
+        key = _key(ctx.source.fingerprint, tc.version(), btype, model_name(ctx))
+        out = ctx.work_dir / "gguf" / f"base-{key}" / file_name(ctx, btype)
+        if not out.is_file():
+            _convert(ctx, tc, btype, out)
+        return out, read_back(out)
+
+    def imatrix(self, ctx: BuildContext, inputs: Products) -> tuple[Path, dict[str, Any]]:
+        """Importance matrix from the calibration text, once per (base GGUF, calibration)."""
+        base, _ = inputs[BASE]
+        folder = ctx.work_dir / "gguf" / f"imatrix-{_key(base.parent.name, ctx.calib.sha256, IMATRIX_CTX)}"
+        out = folder / f"{model_name(ctx)}.imatrix.gguf"
+        if not out.is_file():
+            _compute_imatrix(ctx, self.toolchain(), base, out)
+        return out, imatrix_info(out)
+
+    # -- one variant
+
+    def build(self, variant: Variant[GGUFParams], ctx: BuildContext, out_dir: Path,
+              inputs: Products) -> EngineResult:
+        """Write `{name}.{QUANT}.gguf` (or its shards) into out_dir, with the imatrix beside it."""
+        quant, use_im = check_params(variant)
+        im = inputs[IMATRIX] if use_im else None
+        built = quantize(variant, ctx, out_dir, inputs[BASE], im, self.toolchain())
+        notes = {k: v for k, v in built.notes.items() if k != "quantize_seconds"}
+        if im is not None:
+            _copy_imatrix(im[0], out_dir / imatrix_file(ctx))
+        return EngineResult(f"llama.cpp {notes['llama_cpp']}", "cpu", built.notes["quantize_seconds"],
+                            {**notes, "file": built.path.name})
+
+    def estimate(self, variant: Variant[GGUFParams], shape: ModelShape, work: Workload,
+                 machine: Machine) -> Estimate:
+        quant = check_params(variant, raise_=False)[0]
+        e = variant_estimate(quant, shape, work, machine)
+        return replace(e, files=output_files(quant, shape, f.parse_size(variant.params.split_max_size)))
+
+    @contextmanager
+    def open_model(self, folder: Path, ctx: BuildContext) -> Iterator[LogitsFn]:
+        """Load the GGUF with llama-cpp-python as users do (a split one from its first shard;
+        llama.cpp opens the others); logits for the ids as given (no BOS added)."""
+        names = shards(p.name for p in folder.glob("*.gguf"))
+        if not names or (bad := missing_shards(names)):
+            raise EngineError("gguf", f"{folder} holds no complete GGUF model: "
+                              + (", ".join(bad) if names else "no .gguf file"))
+        runner = LlamaRunner(folder / names[0])
+        try:
+            yield runner
+        finally:
+            runner.close()
+
+
+def release_base(ctx: BuildContext, product: Any) -> list[Path]:
+    """Delete the 16-bit GGUFs (and staging folders an older version left); the imatrix (small,
+    published beside the files) stays. A later build that needs the base converts it again."""
+    gone = [p for pattern in ("base-*", "staged-*") for p in (ctx.work_dir / "gguf").glob(pattern)]
+    for p in gone:
+        shutil.rmtree(p, ignore_errors=True)
+    return gone
+
+
+def _convert(ctx: BuildContext, tc: llamacpp.Toolchain, btype: str, out: Path) -> None:
+    need_space(out.parent, expected_bytes(btype, ctx.source.n_params), f"the {btype} GGUF", None)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".partial")
+    ctx.progress(f"convert to {btype} GGUF", 0, 1)
+    res = run([sys.executable, tc.converter, ctx.source.path.resolve(),
+               "--outtype", btype.lower(), "--outfile", tmp.resolve(), "--model-name", model_name(ctx)],
+              env=tc.converter_env())
+    if res.returncode != 0 or not tmp.is_file():
+        tmp.unlink(missing_ok=True)
+        raise EngineError("gguf", explain(res, f"converting {ctx.source.id} to GGUF", out.parent))
+    got = read_back(tmp)
+    if not got["tensors"] or not got["architecture"]:
+        raise EngineError("gguf", f"the converter wrote an empty GGUF for {ctx.source.id}")
+    tmp.replace(out)
+    ctx.progress(f"convert to {btype} GGUF", 1, 1)
+
+
+def _compute_imatrix(ctx: BuildContext, tc: llamacpp.Toolchain, base: Path, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Relative names: they end up in the metadata (quantize.imatrix.dataset), not our paths.
+    text = ctx.calib.write_text(out.parent / f"{slug(ctx.calib.source)}.txt")
+    n_ctx = imatrix_ctx(int(ctx.calib.windows.size))
+    total = max(1, int(ctx.calib.windows.size) // n_ctx)
+    ctx.progress("importance matrix", 0, total)
+    tmp = out.with_name("partial.imatrix.gguf")
+    res = run([tc.imatrix, "-m", base.resolve(), "-f", text.name, "-o", tmp.name, "-c", str(n_ctx),
+               "-b", str(n_ctx), "-t", str(llama_threads()), "--no-ppl", "--output-frequency", "1000000",
+               "-ngl", "0"], cwd=out.parent)
+    if res.returncode != 0 or not tmp.is_file():
+        raise EngineError("gguf", explain(res, "computing the importance matrix", out.parent))
+    tmp.replace(out)
+    ctx.progress("importance matrix", total, total)
+
+
+def quantize(variant: Variant[GGUFParams], ctx: BuildContext, out_dir: Path, base: tuple[Path, dict[str, Any]],
+             im: tuple[Path, dict[str, Any]] | None, tc: llamacpp.Toolchain,
+             extra_args: Sequence[str] = ()) -> Built:
+    """One type from the shared 16-bit GGUF into out_dir, read back and checked. `extra_args`:
+    more llama-quantize options (a tensor-type file), placed before the positional ones."""
+    quant = check_params(variant)[0]
+    base_path, base_info = base
+    limit = f.parse_size(variant.params.split_max_size)
+    need = expected_bytes(quant, ctx.source.n_params)
+    need_space(out_dir, 2 * need if need > limit else need, quant, variant.name)  # split: both at once
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out = out_dir / file_name(ctx, quant + suffix(variant.params))
+    tmp = out.with_suffix(".partial")
+    t0 = time.monotonic()
+    ctx.progress(f"quantize {quant}", 0, 1)
+    cmd: list[str | Path] = [tc.quantize,  # llama.cpp keeps override strings to 127 bytes
+                             "--override-kv", f"general.quantized_by=str:{quantized_by(ctx)[:120]}",
+                             "--override-kv", f"general.name=str:{model_name(ctx)[:120]}", *extra_args]
+    if im:
+        cmd += ["--imatrix", im[0].name]  # relative: the path lands in the metadata
+    res = run(cmd + [base_path.resolve(), tmp.resolve(), quant, str(llama_threads())],
+              cwd=im[0].parent if im else None)
+    if res.returncode != 0 or not tmp.is_file():
+        tmp.unlink(missing_ok=True)
+        raise EngineError("gguf", explain(res, f"quantizing to {quant}", out_dir), variant.name)
+    got = check(tmp, quant, base_info, variant.name)
+    paths, split_notes = _finish(tmp, out, limit, quant, base_info, variant.name, tc)
+    ctx.progress(f"quantize {quant}", 1, 1)
+    seconds = round(time.monotonic() - t0, 2)
+    return Built(paths, {**_notes(quant, base_path, got, im, tc), **split_notes, "quantize_seconds": seconds})
+
+
+def _finish(tmp: Path, out: Path, limit: int, quant: str, base_info: dict[str, Any], variant: str,
+            tc: llamacpp.Toolchain) -> tuple[tuple[Path, ...], dict[str, Any]]:
+    """The checked file under its name, or its shards when it is larger than the limit."""
+    if tmp.stat().st_size <= limit:
+        tmp.replace(out)
+        return (out,), {}
+    try:
+        parts = split_file(tc, tmp, out.with_suffix(""), limit, variant)
+        notes = check_shards(parts, quant, base_info, limit, variant)
+    except EngineError:
+        remove_shards(out.with_suffix(""))
+        raise
+    finally:
+        tmp.unlink(missing_ok=True)
+    return parts, {**notes, "split_max_size": limit}
+
+
+def _notes(quant: str, base: Path, got: dict[str, Any], im: tuple[Path, dict[str, Any]] | None,
+           tc: llamacpp.Toolchain) -> dict[str, Any]:
+    return {"quant": quant, "base": base.name.split(".")[-2], "imatrix": im is not None,
+            "imatrix_dataset": got["imatrix_dataset"], "imatrix_chunks": got["imatrix_chunks"],
+            "tensors": got["tensors"], "tensor_types": got["tensor_types"], "llama_cpp": tc.version()}
+
+
+class LlamaRunner:
+    """Opens the model on first use with a context as long as the chunks it is given."""
+
+    def __init__(self, path: Path):
+        llamacpp.require_bindings()
+        self.path = path
+        self.llm: Any = None
+        self.n_ctx = 0
+
+    def __call__(self, ids: np.ndarray) -> np.ndarray:
+        n = len(ids)
+        if self.llm is None or n > self.n_ctx:
+            self._open(n)
+        self.llm.reset()
+        self.llm.eval([int(i) for i in ids])
+        return np.array(self.llm.scores[:n], dtype=np.float32, copy=True)
+
+    def _open(self, n: int) -> None:
+        from llama_cpp import Llama
+
+        self.close()
+        self.n_ctx = max(n, 16)
+        try:
+            self.llm = Llama(model_path=str(self.path), n_ctx=self.n_ctx, n_batch=self.n_ctx,
+                             n_ubatch=min(self.n_ctx, 512), logits_all=True, n_gpu_layers=0,
+                             n_threads=llama_threads(), verbose=False)
+        except (ValueError, RuntimeError) as e:
+            raise EngineError("gguf", f"llama-cpp-python cannot load {self.path.name}: {e}") from None
+
+    def close(self) -> None:
+        if self.llm is not None:
+            self.llm.close()
+            self.llm = None
+
+
+__all__ = ["GGUFEngine", "GGUF_TYPES", "BASE", "IMATRIX", "quantize", "uses_imatrix", "LlamaRunner"]

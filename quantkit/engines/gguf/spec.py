@@ -1,0 +1,75 @@
+"""The GGUF format as the other stages see it: names, branches, the card's table in TheBloke's
+layout, runtimes, and the names the template partial uses."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ... import formats as f
+from .estimate import llama_cpp_overhead
+from .files import first_shard, hub_quant_label, include_pattern, shards
+from .params import GGUFParams, suffix, use_case, uses_imatrix
+
+
+def gguf_file(row: f.CardRow) -> str:
+    return first_shard(e.path for e in row.record.files)
+
+
+def _file_link(r: f.CardRow) -> str:
+    """The file on main, where every GGUF file of the repo lies."""
+    name = gguf_file(r)
+    return f"[{name}]({r.link.rsplit('/tree/', 1)[0]}/blob/main/{name})"
+
+
+def _quant_method(r: f.CardRow) -> str:
+    return str(r.params.get("quant")) + (", imatrix" if uses_imatrix(dict(r.params)) else "")
+
+
+def card_names(row: f.CardRow, rows: list[f.CardRow]) -> dict[str, Any]:
+    """The file, and the type tag `-hf REPO:TAG` resolves by; no tag when another file on main
+    has the same one (a plain and an imatrix file of one type): then the card names the file."""
+    name = gguf_file(row)
+    tag = hub_quant_label(name) or ""
+    shared = sum(hub_quant_label(gguf_file(r)) == tag for r in rows) > 1
+    files = [e.path for e in row.record.files]
+    # gguf_files: the model's files in load order (one, or every shard); gguf_include: a glob for
+    # `hf download REPO --include` that fetches exactly those.
+    return {"gguf_file": name, "quant_tag": "" if shared else tag, "file_tag": tag,
+            "gguf_files": shards(files), "gguf_include": include_pattern(files)}
+
+
+def _variant_name(p: GGUFParams) -> str:
+    return f"gguf-{p.quant}{suffix(p)}"
+
+
+def _branch_name(p: GGUFParams) -> str:
+    return f"{p.quant}{suffix(p)}"
+
+
+def _describe(p: Any) -> str:
+    return f"llama.cpp {p['quant']}" + (", with importance matrix" if uses_imatrix(dict(p)) else "")
+
+
+SPEC = f.FormatSpec(
+    name="gguf", repo_suffix="GGUF", params=GGUFParams, variant_name=_variant_name, branch_name=_branch_name,
+    name_keys=frozenset({"quant"}),
+    # TheBloke's GGUF table (Name, Quant method, Bits, Size, Max RAM required, Use case) plus
+    # measured quality and the variant's own branch.
+    columns=(f.Column("Name", _file_link), f.Column("Quant method", _quant_method),
+             f.Column("Bits", lambda r: f"{r.record.bits_per_weight:.2f}"), f.SIZE, f.memory_column("RAM"),
+             f.Column("Use case", lambda r: use_case(str(r.params.get("quant")))), *f.QUALITY, f.TOP1, f.BRANCH),
+    describe=_describe,
+    use="CPU and CPU+GPU inference with llama.cpp and the apps built on it",
+    tags=("gguf", "quantized", "quantkit"), library_name=None,  # the Hub recognises .gguf files itself
+    runtimes=(
+        f.TEXTGEN_WEBUI,
+        # GGUF is llama.cpp's format; everything that embeds llama.cpp reads it.
+        f.Runtime("llama.cpp", f.always, "`llama-cli -hf REPO:TYPE`"),
+        f.Runtime("llama-cpp-python", f.always, "`Llama.from_pretrained(REPO, FILE)`"),
+        f.Runtime("Ollama", f.always, "`ollama run hf.co/REPO:TYPE`"),
+        f.Runtime("LM Studio, KoboldCpp", f.always, "open or import the .gguf file"),
+    ),
+    example={"quant": "Q4_K_M"},
+    run_device="RAM", run_overhead=llama_cpp_overhead, ladder_on_main=True,
+    card_context=card_names,
+)
