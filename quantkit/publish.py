@@ -31,6 +31,7 @@ from .records import ProgressFn, PublishedRecord, sha256_file
 from .errors import GateRefused, PublishError
 from .manifest import Manifest, VariantRecord
 from .plan import Plan, Variant, repo_for
+from .recipe import SPECS
 
 if TYPE_CHECKING:
     from huggingface_hub import HfApi
@@ -365,7 +366,7 @@ def _variant_files(ctx: _Ctx, v: Variant, rec: VariantRecord) -> list[LocalFile]
 def _ladder(ctx: _Ctx, manifest: Manifest, v: Variant, siblings: list[Variant]) -> list[LocalFile]:
     """For a format whose tools read main (FormatSpec.ladder_on_main): the files of the repo's
     other variants, which main holds too. The same name must mean the same bytes."""
-    if v.branch != "main" or not v.spec.ladder_on_main:
+    if v.branch != "main" or not SPECS[v.format].ladder_on_main:
         return []
     own = {f.path: f for f in _variant_files(ctx, v, manifest.variants[v.name])}
     out: list[LocalFile] = []
