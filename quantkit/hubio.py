@@ -5,7 +5,7 @@ the LFS batch, each PUT or part, the completion and the verify) and the paginate
 (`list_repo_tree`, `list_repo_commits`): http_backoff on 408/429/5xx, timeouts and dropped
 connections, 5 retries, Retry-After honoured. It skips LFS objects the repo already stores
 (one upload for a file on main and on a branch), uploads nothing twice for the same
-CommitOperationAdd objects, and drops unchanged files from a commit.
+CommitOperationAdd objects, and drops unchanged files from a commit. Those jobs are left to it.
 
 It sends once: whoami, the refs, branch and repo creation, the collection calls, the card's
 YAML check and the commit POST. `Retry` sends those again on transient failures; the commit

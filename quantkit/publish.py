@@ -249,8 +249,7 @@ def _branch(ctx: _Ctx, remote: Remote | None, v: Variant, repo: str, rec: Varian
     tries: list[int] = []
     try:
         ops = operations(added, removed)
-        # Content-addressed and skipping what already arrived: safe to run again.
-        note = ctx.retry(lambda: remote.upload(v.branch, ops))
+        note = remote.upload(v.branch, ops)
         if note:
             ctx.notes.append(note)
         message = f"{v.name}: {len(added)} file(s) added or changed, {len(removed)} removed"
