@@ -18,7 +18,6 @@ changed sends no write request. Every error text passes through `why`, which hid
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -83,7 +82,9 @@ class HashCache:
 
 def git_blob_id(data: bytes) -> str:
     """The git object id the Hub reports for a small (non-LFS) file."""
-    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()  # noqa: S324 - git's id
+    from huggingface_hub.utils.sha import git_hash
+
+    return git_hash(data)
 
 
 @dataclass(frozen=True)
@@ -323,10 +324,8 @@ class Remote:
         head = self.refs.get(branch)
         if head is None:
             return None
-        tree = self.tree(head)
-        names = {f.path for f in local}
-        ok = all(same(tree.get(f.path), f) for f in local) and not (set(tree) - names - KEEP)
-        return head if ok else None
+        added, _, removed = diff(local, self.tree(head))
+        return head if not added and not removed else None
 
 
 def collect(api: HfApi, retry: Retry, title: str, namespace: str | None, private: bool,
