@@ -44,3 +44,10 @@ def test_a_type_checking_import_counts_too(tmp_path: Path) -> None:
                     "    from ..plan import Plan  # deliberately wrong\n")
     res = _lint(tmp_path)
     assert res.returncode != 0 and "quantkit.engines.gptq -> quantkit.plan" in res.stdout, res.stdout
+
+
+def test_the_type_checker_finds_nothing() -> None:
+    """mypy over every module of the package ([tool.mypy] in pyproject.toml): no errors."""
+    res = subprocess.run([sys.executable, "-m", "mypy"], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert res.stdout.startswith("Success: no issues found"), res.stdout
