@@ -55,7 +55,7 @@ def _context(work: Path, calib_sha: str) -> BuildContext:
 
 def _build(bpw: float, ctx: BuildContext, out: Path) -> None:
     out.mkdir(parents=True)
-    EXL2Engine().build(variant_of(out, f'format = "exl2"\nbpw = {bpw}'), ctx, out)
+    EXL2Engine().build(variant_of(out, f'format = "exl2"\nbpw = {bpw}'), ctx, out, {})
 
 
 def test_bpw_variants_share_one_measurement(fake_exllamav2: Path, tmp_path: Path) -> None:
