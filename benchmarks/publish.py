@@ -1,4 +1,4 @@
-"""Publish a built demo to the local Hub-API server (tests/hub_server.py) and count the traffic.
+"""Publish a built demo to the local Hub-API server (quantkit.testing.hub_server) and count the traffic.
 
     .venv/bin/python benchmarks/publish.py [--recipe R] [--out BUILD] [--mb 4]
 

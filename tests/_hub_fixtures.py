@@ -15,13 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hub_server import HubServer, use_hub
 
 from quantkit.engines import gguf
 from quantkit.manifest import Manifest, VariantRecord
 from quantkit.plan import Plan, Variant, make_plan
 from quantkit.recipe import parse_recipe
 from quantkit.records import CalibrationRecord, QualityRecord, SourceRecord, file_entries
+from quantkit.testing.hub_server import HubServer, use_hub
 
 # 3 GPTQ branches + 2 GGUF types; the owner comes from the token (whoami).
 DEMO_RECIPE = """

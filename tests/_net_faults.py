@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from _hub_fixtures import Build, fabricate_build, rebuild
-from hub_server import HubServer, summarize, use_hub
 
 from quantkit import card, publish
 from quantkit.manifest import save_manifest
+from quantkit.testing.hub_server import HubServer, summarize, use_hub
 
 MAX_RUNS = 12  # publish runs per step before the harness gives up
 CHANGED = "gptq-8bit-32g-actorder_True"  # the variant rebuilt in the second step

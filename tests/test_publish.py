@@ -17,11 +17,11 @@ import pytest
 
 pytest.register_assert_rewrite("_hub_fixtures")  # it is also the plugin named below
 from _hub_fixtures import DEMO_RECIPE, Build, carded_build, publish_build, rebuild  # noqa: E402
-from hub_server import HubServer, summarize  # noqa: E402
 
 from quantkit import card, publish  # noqa: E402
 from quantkit.manifest import VariantRecord  # noqa: E402
 from quantkit.records import PublishedRecord  # noqa: E402
+from quantkit.testing.hub_server import HubServer, summarize  # noqa: E402
 
 pytest_plugins = ("_hub_fixtures",)  # the `hub` and `no_backoff` fixtures
 
