@@ -31,7 +31,10 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from _common import CACHE, ROOT
+
+from quantkit.testing import CACHE
+
+ROOT = Path(__file__).resolve().parent.parent
 
 PINS = ["transformers==4.57.*", "auto-gptq==0.7.1", "peft<0.14", "datasets<4.5",
         "accelerate", "safetensors", "sentencepiece", "protobuf", "numpy<2.3"]

@@ -21,16 +21,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-from _common import ROOT, table
+from quantkit.testing import table
+from quantkit.testing.models import tiny_llama
 
+ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
-
-
-def tiny_model() -> Path:
-    """The tests' tiny Llama, built once into the shared cache (tests/conftest.py)."""
-    import conftest
-
-    return conftest._cached("tiny-llama-v1", conftest._build_tiny_llama)
 
 
 CRASH_COLUMNS = ["kill", "at (s)", "doing when killed", "finished at kill", "re-runs", "re-run built", "rebuilt",
@@ -42,7 +37,7 @@ def crash(kills: int, seed: int, group: bool) -> None:
 
     with tempfile.TemporaryDirectory(prefix="quantkit-crash-") as tmp:
         root = Path(tmp)
-        ref = reference_build(root, tiny_model())
+        ref = reference_build(root, tiny_llama())
         print(f"uninterrupted build: {ref.seconds:.1f} s, {len(ref.files)} files; kill moments seeded ({seed}), "
               f"one uniform in each {kills}th of [0, {ref.seconds:.1f}] s\n")
         rows = []
@@ -81,7 +76,7 @@ def net(rates: list[float], seeds: list[int]) -> None:
 def inputs() -> None:
     from _bad_inputs import CASES, run
 
-    model = tiny_model()
+    model = tiny_llama()
     rows = []
     for case in CASES:
         with tempfile.TemporaryDirectory(prefix="quantkit-input-") as tmp:

@@ -20,9 +20,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import ROOT, table
-
+from quantkit.testing import table
 from quantkit.testing.hub_server import HubServer, summarize  # stdlib only, no huggingface_hub yet
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def main() -> None:

@@ -19,9 +19,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from _common import ROOT, smollm2, table
+from quantkit.testing import smollm2, table
 
-sys.path.insert(0, str(ROOT))
 MIB = 1 << 20
 
 # llama.cpp's load log: "CPU_Mapped model buffer size = 100.5 MiB", "CPU KV buffer size = 90 MiB",

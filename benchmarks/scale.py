@@ -28,7 +28,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _common import CACHE, ROOT, smollm2, table
+from quantkit.testing import CACHE, smollm2, table
+
+ROOT = Path(__file__).resolve().parent.parent
 
 GB = 1e9
 HIDDEN, INTERMEDIATE, HEADS, VOCAB = 4096, 11008, 32, 49152
