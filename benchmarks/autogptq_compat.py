@@ -93,10 +93,8 @@ def ensure_venv(venv: Path) -> Path:
 
 def build_tiny_gptq(dest: Path) -> Path:
     """A 4-bit-64g GPTQ of the tiny test Llama through quantkit's engine."""
-    sys.path.insert(0, str(ROOT / "tests"))
-    from _gptq_fixtures import build, make_bench, variant_of
-
     from quantkit.engines import ENGINES
+    from quantkit.testing.engine_bench import build, make_bench, variant_of
 
     src = CACHE / "tiny-llama-v1"
     if not (src / "config.json").is_file():

@@ -6,6 +6,11 @@ utilities). Product code never imports this package; it may import anything of q
     squad         SQuAD-format calibration documents of any size
     hub_server    a local Hub-API server (HubServer, use_hub, summarize), its parts in hub_*
     hub_stand_in  that server as a process of its own: python -m quantkit.testing.hub_stand_in
+    fabricate     build folders with real files and made-up weights, for card and publish tests
+    engine_bench  an engine on a test bench: context, calibration, reference, quality
+    net_faults    publishing through a faulty network, compared with a fault-free run
+    crash         `quantkit build` SIGKILLed at random moments, then run again
+    bad_inputs    bad inputs a user can hand quantkit, each with its expected error
 
 Only `models` and `tables` are imported here: both need nothing beyond the standard library
 until called, so `import quantkit.testing` never loads huggingface_hub or torch.

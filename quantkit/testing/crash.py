@@ -27,8 +27,7 @@ from typing import Any
 
 from quantkit.lock import LOCK_NAME
 from quantkit.manifest import load_manifest
-
-ROOT = Path(__file__).resolve().parent.parent
+from quantkit.testing.models import ROOT
 VARIANTS = ("gptq-4bit-32g-actorder_True", "gguf-Q4_K_M", "gguf-Q8_0")
 THREAD_ENV = {"OMP_NUM_THREADS": "2", "GPTQMODEL_CPU_WORKERS": "2", "QUANTKIT_THREADS": "2"}
 # Every build runs with a Hub token in its environment, as a publisher's does: it must not
