@@ -11,6 +11,7 @@ utilities). Product code never imports this package; it may import anything of q
     net_faults    publishing through a faulty network, compared with a fault-free run
     crash         `quantkit build` SIGKILLed at random moments, then run again
     bad_inputs    bad inputs a user can hand quantkit, each with its expected error
+    scale         memory and time of a build at 7B widths (benchmarks/scale.py, tests/test_scale.py)
 
 Only `models` and `tables` are imported here: both need nothing beyond the standard library
 until called, so `import quantkit.testing` never loads huggingface_hub or torch.
