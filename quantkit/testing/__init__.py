@@ -1,5 +1,6 @@
 """Harnesses the tests and the benchmark scripts share (as huggingface_hub ships its testing
-utilities). Product code never imports this package; it may import anything of quantkit.
+utilities). Product code never imports this package (an import-linter contract in
+pyproject.toml); it may import anything of quantkit.
 
     models        test models built offline and cached (SmolLM2, the tiny Llama)
     tables        markdown tables and a hash of GPTQ's packed tensors, for benchmark reports
