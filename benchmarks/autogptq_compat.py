@@ -31,7 +31,10 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from _common import CACHE, ROOT
+
+from quantkit.testing import CACHE
+
+ROOT = Path(__file__).resolve().parent.parent
 
 PINS = ["transformers==4.57.*", "auto-gptq==0.7.1", "peft<0.14", "datasets<4.5",
         "accelerate", "safetensors", "sentencepiece", "protobuf", "numpy<2.3"]
@@ -90,10 +93,8 @@ def ensure_venv(venv: Path) -> Path:
 
 def build_tiny_gptq(dest: Path) -> Path:
     """A 4-bit-64g GPTQ of the tiny test Llama through quantkit's engine."""
-    sys.path.insert(0, str(ROOT / "tests"))
-    from _gptq_fixtures import build, make_bench, variant_of
-
     from quantkit.engines import ENGINES
+    from quantkit.testing.engine_bench import build, make_bench, variant_of
 
     src = CACHE / "tiny-llama-v1"
     if not (src / "config.json").is_file():

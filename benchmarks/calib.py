@@ -13,7 +13,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import ROOT, smollm2, table
+from quantkit.testing import smollm2, table
+from quantkit.testing.squad import squad_doc
 
 
 def run_case(model: Path, dataset: str | None, samples: int, seq_len: int) -> dict:
@@ -40,9 +41,6 @@ def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--case":  # child process
         print(json.dumps(run_case(Path(sys.argv[2]), sys.argv[3] or None, int(sys.argv[4]), int(sys.argv[5]))))
         return
-    sys.path.insert(0, str(ROOT / "tests"))
-    from test_calibration import squad_doc
-
     model = smollm2()
     with tempfile.TemporaryDirectory() as tmp:
         big = Path(tmp) / "germanquad_like.json"

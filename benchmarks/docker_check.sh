@@ -2,7 +2,7 @@
 # Build the cpu image from this checkout on a locally made Debian base, then run quantkit in it:
 #   doctor; the llama.cpp build flags and the CPU backend ggml picks at run time;
 #   batch over the demo recipe plus a broken one, publishing to the local Hub stand-in
-#   (tests/hub_server.py, on this machine's loopback): exit 1, the demo built and published,
+#   (quantkit.testing.hub_server, on this machine's loopback): exit 1, the demo built and published,
 #   every file on the host volume owned by the caller; publish again: nothing left to upload.
 # Prints the image size and the seconds of each step; SUMMARY=FILE also writes them as JSON.
 #
@@ -17,7 +17,8 @@
 #   PIP_CERT     a CA bundle pip must trust inside the build (handed over as a BuildKit secret)
 #   MODEL        the SmolLM2 checkpoint to give the demo recipe (default: built, or taken from
 #                the test cache, by PY: a python with quantkit's dependencies, .venv/bin/python)
-# The Hub stand-in and the summary run on the host with python3 (standard library only).
+# The Hub stand-in (python -m quantkit.testing.hub_stand_in, standard library only) and the
+# summary run on the host with PY too, from this checkout.
 #   IMAGE        tag to build (default quantkit:cpu); NO_CACHE=1 builds every layer afresh;
 #                KEEP=1 keeps the work folder
 set -euo pipefail
@@ -78,8 +79,7 @@ build_image() {
 # The demo recipe reads its model from ../build/models/ beside recipes/: both are volumes.
 stage_volumes() {
     local model=${MODEL:-}
-    [ -n "$model" ] || model=$("$PY" -c \
-        'import sys; sys.path.insert(0, "benchmarks"); from _common import smollm2; print(smollm2())' | tail -1)
+    [ -n "$model" ] || model=$("$PY" -c 'from quantkit.testing import smollm2; print(smollm2())' | tail -1)
     mkdir -p "$WORK/build/models"
     cp -r "$model" "$WORK/build/models/smollm2-135m-instruct"
     cp recipes/demo-smollm2.toml "$WORK/recipes/"
@@ -97,7 +97,7 @@ EOF
 }
 
 start_hub() {
-    python3 benchmarks/hub_stand_in.py --info "$WORK/hub.json" --state "$WORK/hub-state.json" &
+    "$PY" -m quantkit.testing.hub_stand_in --info "$WORK/hub.json" --state "$WORK/hub-state.json" &
     HUB_PID=$!
     for _ in $(seq 100); do [ -s "$WORK/hub.json" ] && break; sleep 0.1; done
     [ -s "$WORK/hub.json" ] || die "the Hub stand-in did not start"
@@ -177,7 +177,7 @@ main() {
     echo "files not owned by $(id -un) ($RUN_AS): $foreign"
 
     step "summary"
-    python3 benchmarks/docker_summary.py --work "$WORK" --image "$IMAGE" --size-mb "$size_mb" \
+    "$PY" benchmarks/docker_summary.py --work "$WORK" --image "$IMAGE" --size-mb "$size_mb" \
         --build-s "$build_s" --doctor-s "$doctor_s" --info-s "$info_s" --batch-s "$batch_s" --batch-rc "$batch_rc" \
         --publish-s "$publish_s" --publish-rc "$publish_rc" --foreign "$foreign" --json "${SUMMARY:-}"
 }

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from _common import table
+from quantkit.testing import table
 
 DEMO = "SmolLM2-135M-Instruct"  # recipes/demo-smollm2.toml's model name
 BROKEN = "broken-demo"  # the broken recipe docker_check.sh writes

@@ -1,6 +1,6 @@
 """Reliability under faults (issue 14): the crash table, the network-fault table and the
-bad-input list, measured with the harnesses the tests use (tests/_crash.py,
-tests/_net_faults.py, tests/_bad_inputs.py).
+bad-input list, measured with the harnesses the tests use (quantkit.testing's crash,
+net_faults and bad_inputs).
 
     .venv/bin/python benchmarks/faults.py [--only crash net inputs] [--kills 20] [--kill-seed 2026]
                                           [--rates 0.05 0.1 0.2] [--seeds 1 2 3]
@@ -21,16 +21,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from _common import ROOT, table
-
-sys.path.insert(0, str(ROOT / "tests"))
-
-
-def tiny_model() -> Path:
-    """The tests' tiny Llama, built once into the shared cache (tests/conftest.py)."""
-    import conftest
-
-    return conftest._cached("tiny-llama-v1", conftest._build_tiny_llama)
+from quantkit.testing import table
+from quantkit.testing.models import tiny_llama
 
 
 CRASH_COLUMNS = ["kill", "at (s)", "doing when killed", "finished at kill", "re-runs", "re-run built", "rebuilt",
@@ -38,11 +30,11 @@ CRASH_COLUMNS = ["kill", "at (s)", "doing when killed", "finished at kill", "re-
 
 
 def crash(kills: int, seed: int, group: bool) -> None:
-    from _crash import AFTER_VARIANT, crash_once, kill_moments, reference_build
+    from quantkit.testing.crash import AFTER_VARIANT, crash_once, kill_moments, reference_build
 
     with tempfile.TemporaryDirectory(prefix="quantkit-crash-") as tmp:
         root = Path(tmp)
-        ref = reference_build(root, tiny_model())
+        ref = reference_build(root, tiny_llama())
         print(f"uninterrupted build: {ref.seconds:.1f} s, {len(ref.files)} files; kill moments seeded ({seed}), "
               f"one uniform in each {kills}th of [0, {ref.seconds:.1f}] s\n")
         rows = []
@@ -57,7 +49,7 @@ def crash(kills: int, seed: int, group: bool) -> None:
 
 
 def _crash_row(r, when: str | None = None) -> list[object]:  # type: ignore[no-untyped-def]
-    from _crash import problems
+    from quantkit.testing.crash import problems
 
     wrong = problems(r)
     doing = r.phase[:44] if r.killed else "(had ended: not killed)"
@@ -72,16 +64,16 @@ def _short(variant: str) -> str:
 
 
 def net(rates: list[float], seeds: list[int]) -> None:
-    from _net_faults import fault_table
+    from quantkit.testing.net_faults import fault_table
 
     rows = fault_table(rates, seeds)
     print(table(list(rows[0]), [list(r.values()) for r in rows]))
 
 
 def inputs() -> None:
-    from _bad_inputs import CASES, run
+    from quantkit.testing.bad_inputs import CASES, run
 
-    model = tiny_model()
+    model = tiny_llama()
     rows = []
     for case in CASES:
         with tempfile.TemporaryDirectory(prefix="quantkit-input-") as tmp:

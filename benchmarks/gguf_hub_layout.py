@@ -16,15 +16,14 @@ import argparse
 import os
 import re
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-from _common import ROOT, table
+from quantkit.testing import table
+from quantkit.testing.hub_server import HubServer, summarize  # stdlib only, no huggingface_hub yet
 
-sys.path.insert(0, str(ROOT / "tests"))
-from hub_server import HubServer, summarize  # noqa: E402 - stdlib only, no huggingface_hub yet
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def main() -> None:

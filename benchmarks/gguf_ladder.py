@@ -25,7 +25,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _common import smollm2, table
+from quantkit.testing import smollm2, table
+from quantkit.testing.engine_bench import timed_context
 
 TYPES = ["F16", "BF16", "Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q4_K_M", "Q4_K_S", "Q4_0",
          "Q3_K_L", "Q3_K_M", "Q3_K_S", "Q2_K", "IQ4_XS", "IQ3_M", "IQ2_M"]
@@ -59,16 +60,6 @@ def setup(args: argparse.Namespace) -> tuple[Any, Any, Any, Any]:
     return plan, tok, build_calibration(recipe, tok), resolve_source(recipe)
 
 
-def context(source: Any, calib: Any, work: Path, events: list | None = None) -> Any:
-    from quantkit.records import BuildContext
-
-    def progress(task: str, done: int, total: int | None) -> None:
-        if events is not None:
-            events.append((task, done, total, time.perf_counter()))
-
-    return BuildContext(source, calib, work, "cpu", progress)
-
-
 def _span(events: list, prefix: str) -> float:
     ts = [t for task, _, _, t in events if task.startswith(prefix)]
     return max(ts) - min(ts) if ts else 0.0
@@ -83,7 +74,7 @@ def run_quantkit(plan: Any, source: Any, calib: Any, work: Path, out: Path) -> d
     from quantkit.errors import EngineError
 
     events: list = []
-    ctx = context(source, calib, work, events)
+    ctx = timed_context(source, calib, work, events)
     eng = GGUFEngine()
     t0 = time.perf_counter()
     made: dict[str, Any] = {}
@@ -142,7 +133,7 @@ def timing_rounds(plan: Any, source: Any, calib: Any, args: argparse.Namespace) 
             shutil.rmtree(d, ignore_errors=True)
             log(f"round {r}: {who} ...")
             if who == "hand":
-                hand.append(run_by_hand(plan, context(source, calib, d / "work"), d))
+                hand.append(run_by_hand(plan, timed_context(source, calib, d / "work"), d))
                 log(f"  by hand {hand[-1]['total']:.1f} s")
             else:
                 qk.append(run_quantkit(plan, source, calib, d / "work", d / "variants"))
@@ -164,7 +155,7 @@ def evaluate_all(plan: Any, source: Any, calib: Any, tok: Any, qk_dir: Path, arg
     log(f"reference: {len(es.chunks)} chunks of {es.ctx} tokens ({es.n_scored} scored)")
     with hf_logits(source.path) as fn:
         ref = compute_reference(es, fn, args.out / f"reference-{es.sha256[:12]}.npy")
-    eng, ctx, rows = GGUFEngine(), context(source, calib, qk_dir / "work"), {}
+    eng, ctx, rows = GGUFEngine(), timed_context(source, calib, qk_dir / "work"), {}
     for v in plan.variants:
         folder = qk_dir / "variants" / v.name
         if not folder.is_dir():

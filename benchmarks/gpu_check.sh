@@ -212,8 +212,7 @@ rehearse() {
     mkdir -p "$out" && rm -f "$out/runs"
     export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
     local model
-    model=$("$PY" -c 'import sys; sys.path.insert(0, "benchmarks"); from _common import smollm2; print(smollm2(2))' \
-        | tail -1)
+    model=$("$PY" -c 'from quantkit.testing import smollm2; print(smollm2(2))' | tail -1)
     write_recipe "$out/recipe.toml" "$model"
     ONLY=${ONLY:-gptq-4bit-64g-actorder_True} run_variants "$out" "$out/recipe.toml"
     report "$out"

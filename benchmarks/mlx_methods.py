@@ -31,7 +31,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from _common import ROOT, smollm2, table
+
+from quantkit.testing import smollm2, table
+
+ROOT = Path(__file__).resolve().parent.parent
 
 # name -> (method, bits, group size)
 ROWS: dict[str, tuple[str, int, int]] = {

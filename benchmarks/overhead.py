@@ -24,7 +24,9 @@ import sys
 import time
 from pathlib import Path
 
-from _common import ROOT, packed_sha, smollm2, table
+from quantkit.testing import packed_sha, smollm2, table
+
+ROOT = Path(__file__).resolve().parent.parent
 
 VARIANT = "gptq-{bits}bit-{gs}g-actorder_True"
 

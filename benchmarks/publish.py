@@ -1,4 +1,4 @@
-"""Publish a built demo to the local Hub-API server (tests/hub_server.py) and count the traffic.
+"""Publish a built demo to the local Hub-API server (quantkit.testing.hub_server) and count the traffic.
 
     .venv/bin/python benchmarks/publish.py [--recipe R] [--out BUILD] [--mb 4]
 
@@ -20,15 +20,14 @@ import json
 import os
 import random
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-from _common import ROOT, table
+from quantkit.testing import table
+from quantkit.testing.hub_server import HubServer, summarize  # stdlib only, no huggingface_hub yet
 
-sys.path.insert(0, str(ROOT / "tests"))
-from hub_server import HubServer, summarize  # noqa: E402 - stdlib only, no huggingface_hub yet
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def fabricate(plan, out: Path, mb: float):  # type: ignore[no-untyped-def]

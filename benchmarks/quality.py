@@ -31,7 +31,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _common import ROOT, packed_sha, smollm2, table
+from quantkit.testing import packed_sha, smollm2, table
+
+ROOT = Path(__file__).resolve().parent.parent
 
 # name -> (kind, bits, group size, calibration); GPTQ rows use act_order, damp 0.1, sym.
 ROWS: dict[str, tuple[str, int, int, str]] = {

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from _common import ROOT, smollm2, table
+from quantkit.testing import smollm2, table
 
 MODES = ("whole", "streamed")
 
@@ -61,7 +61,6 @@ def child(mode: str, model: Path, tokens: int, ctx: int, out: Path) -> None:
 
 def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
-        sys.path.insert(0, str(ROOT))
         child(sys.argv[2], Path(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), Path(sys.argv[6]))
         return 0
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])

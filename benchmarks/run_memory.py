@@ -19,9 +19,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from _common import ROOT, smollm2, table
+from quantkit.testing import smollm2, table
+from quantkit.testing.engine_bench import timed_context
 
-sys.path.insert(0, str(ROOT))
 MIB = 1 << 20
 
 # llama.cpp's load log: "CPU_Mapped model buffer size = 100.5 MiB", "CPU KV buffer size = 90 MiB",
@@ -55,12 +55,10 @@ def gguf_rows(model: Path, work: Path) -> list[list[object]]:
     from quantkit.engines.gguf import SPEC, GGUFEngine
     from quantkit.sizing import ModelShape, run_memory
 
-    from gguf_ladder import context  # the ladder benchmark's build context
-
     shape = ModelShape.from_config(json.loads((model / "config.json").read_text()))
     plan, calib, source = _plan(model, work / "gguf", 'format = "gguf"\nquant = ["Q4_K_M", "Q8_0"]\nimatrix = false')
     eng = GGUFEngine()
-    ctx = context(source, calib, work / "work")
+    ctx = timed_context(source, calib, work / "work")
     rows = []
     for v in plan.variants:
         path = eng.quantize(v, ctx, work / v.name).path
@@ -83,14 +81,12 @@ def gptq_rows(model: Path, work: Path) -> list[list[object]]:
     from quantkit.engines.gptq import SPEC, GPTQEngine
     from quantkit.sizing import ModelShape, run_memory
 
-    from gguf_ladder import context
-
     shape = ModelShape.from_config(json.loads((model / "config.json").read_text()))
     plan, calib, source = _plan(model, work / "gptq", 'format = "gptq"\nbits = 4\ngroup_size = 64\nact_order = false')
     (v,) = plan.variants
     out = work / "gptq" / v.name
     out.mkdir(parents=True, exist_ok=True)
-    GPTQEngine().build(v, context(source, calib, work / "gptq-work"), out, {})
+    GPTQEngine().build(v, timed_context(source, calib, work / "gptq-work"), out, {})
     m = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.bfloat16, device_map="cpu")
     held = sum(t.numel() * t.element_size() for t in [*m.parameters(), *m.buffers()])
     files = sum(p.stat().st_size for p in out.glob("*.safetensors"))

@@ -1,4 +1,5 @@
-"""The stage order of DESIGN §2, enforced by import-linter's contract in pyproject.toml."""
+"""The stage order of DESIGN §2, product code kept off quantkit.testing (import-linter's
+contracts in pyproject.toml), and the type checker's clean run."""
 
 from __future__ import annotations
 
@@ -21,29 +22,38 @@ def _lint(root: Path) -> subprocess.CompletedProcess[str]:
 def test_the_package_keeps_the_stage_order() -> None:
     res = _lint(ROOT)
     assert res.returncode == 0, res.stdout + res.stderr
-    assert "1 kept, 0 broken" in res.stdout
+    assert "2 kept, 0 broken" in res.stdout
+
+
+def _copy_with(tmp_path: Path, module: str, line: str) -> Path:
+    """The package and pyproject.toml copied to tmp_path, `line` appended to `module`."""
+    shutil.copytree(ROOT / "quantkit", tmp_path / "quantkit", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "pyproject.toml", tmp_path)
+    f = tmp_path / module
+    f.write_text(f.read_text() + f"\n{line}  # deliberately wrong\n")
+    return tmp_path
 
 
 def test_a_format_module_importing_a_stage_breaks_the_contract(tmp_path: Path) -> None:
-    """A wrong import (the GGUF module reaching up into evaluation) fails the check."""
-    shutil.copytree(ROOT / "quantkit", tmp_path / "quantkit", ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(ROOT / "pyproject.toml", tmp_path)
-    gguf = tmp_path / "quantkit" / "engines" / "gguf" / "engine.py"
-    gguf.write_text(gguf.read_text() + "\nfrom ...evaluate import score  # deliberately wrong\n")
-    res = _lint(tmp_path)
+    """A wrong import (the GGUF engine reaching up into evaluation) fails the check."""
+    res = _lint(_copy_with(tmp_path, "quantkit/engines/gguf/engine.py", "from ...evaluate import score"))
     assert res.returncode != 0
     assert "BROKEN" in res.stdout and "quantkit.engines.gguf.engine -> quantkit.evaluate" in res.stdout, res.stdout
 
 
 def test_a_type_checking_import_counts_too(tmp_path: Path) -> None:
     """A cycle hidden behind `if TYPE_CHECKING` (the old Variant-above-the-engines one) fails too."""
-    shutil.copytree(ROOT / "quantkit", tmp_path / "quantkit", ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(ROOT / "pyproject.toml", tmp_path)
-    gptq = tmp_path / "quantkit" / "engines" / "gptq.py"
-    gptq.write_text(gptq.read_text() + "\nfrom typing import TYPE_CHECKING\nif TYPE_CHECKING:\n"
-                    "    from ..plan import Plan  # deliberately wrong\n")
-    res = _lint(tmp_path)
+    res = _lint(_copy_with(tmp_path, "quantkit/engines/gptq.py",
+                           "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from ..plan import Plan"))
     assert res.returncode != 0 and "quantkit.engines.gptq -> quantkit.plan" in res.stdout, res.stdout
+
+
+def test_product_code_importing_the_testing_harnesses_breaks_the_contract(tmp_path: Path) -> None:
+    """quantkit.testing ships in the wheel, but no product module may lean on it."""
+    res = _lint(_copy_with(tmp_path, "quantkit/publish.py", "from quantkit.testing.hub_server import HubServer"))
+    assert res.returncode != 0
+    assert "product code never imports quantkit.testing BROKEN" in res.stdout, res.stdout
+    assert "quantkit.publish -> quantkit.testing.hub_server" in res.stdout, res.stdout
 
 
 def test_the_type_checker_finds_nothing() -> None:

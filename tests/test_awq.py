@@ -11,11 +11,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from _gptq_fixtures import Bench, build, make_bench, quality, variant_of
 
 from quantkit.engines import ENGINES
 from quantkit.engines import _gptqmodel as gm
 from quantkit.errors import EngineUnavailable
+from quantkit.testing.engine_bench import Bench, build, make_bench, quality, variant_of
 
 pytestmark = pytest.mark.skipif(not gm.is_installed("gptqmodel"), reason="needs the [gptq] extra")
 

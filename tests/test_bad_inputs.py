@@ -1,4 +1,4 @@
-"""Bad inputs get one error line, exit 2, and nothing written (cases in _bad_inputs.py)."""
+"""Bad inputs get one error line, exit 2, and nothing written (cases in quantkit/testing/bad_inputs.py)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-pytest.register_assert_rewrite("_bad_inputs")
-from _bad_inputs import CASES, Case, run  # noqa: E402
+pytest.register_assert_rewrite("quantkit.testing.bad_inputs")
+from quantkit.testing.bad_inputs import CASES, Case, run  # noqa: E402
 
 from quantkit.calibration import load_items  # noqa: E402
 from quantkit.errors import CalibrationError, ManifestError  # noqa: E402

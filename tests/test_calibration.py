@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import random
 from pathlib import Path
 
 import pyarrow as pa
@@ -16,6 +15,7 @@ from quantkit.calibration import (build_calibration, dedup_contexts, load_items,
 from quantkit.cli import app
 from quantkit.errors import CalibrationError
 from quantkit.recipe import parse_recipe
+from quantkit.testing.squad import squad_doc
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -30,25 +30,6 @@ def _tok(path: Path):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(path))
-
-
-def squad_doc(n_contexts: int, questions_per: int, seed: int = 0) -> dict:
-    """A SQuAD-format document whose contexts are new mixes of the shipped sample's sentences."""
-    sentences = [s.strip() + "." for s in _shipped_text().split(".") if len(s.split()) > 4]
-    rng = random.Random(seed)
-    data = []
-    for i in range(n_contexts):
-        ctx = f"Abschnitt {i}\n\n" + " ".join(rng.sample(sentences, 12))
-        qas = [{"id": f"{i}-{q}", "question": f"Worum geht es in Abschnitt {i}, Frage {q}?",
-                "answers": [{"text": f"Abschnitt {i}", "answer_start": 0}], "is_impossible": False}
-               for q in range(questions_per)]
-        data.append({"title": f"T{i}", "paragraphs": [{"context": ctx, "qas": qas}]})
-    return {"version": "test", "data": data}
-
-
-def _shipped_text() -> str:
-    items, _ = load_items(None, "train")
-    return " ".join(dedup_contexts(items))
 
 
 def test_shipped_sample_counts_and_manifest() -> None:

@@ -17,14 +17,14 @@ from pathlib import Path
 import pytest
 
 pytest.register_assert_rewrite("_hub_fixtures")  # it is also the plugin named below
-from _hub_fixtures import SOURCE_CONFIG, fabricate_build  # noqa: E402
-from hub_server import HubServer  # noqa: E402
 
 from quantkit import card  # noqa: E402
 from quantkit.manifest import Manifest, VariantRecord  # noqa: E402
 from quantkit.plan import Plan, make_plan  # noqa: E402
 from quantkit.recipe import load_recipe, parse_recipe  # noqa: E402
 from quantkit.records import CalibrationRecord, FileEntry, PublishedRecord, QualityRecord, SourceRecord  # noqa: E402
+from quantkit.testing.fabricate import SOURCE_CONFIG, fabricate_build  # noqa: E402
+from quantkit.testing.hub_server import HubServer  # noqa: E402
 
 pytest_plugins = ("_hub_fixtures",)  # the `hub` fixture
 

@@ -1,5 +1,5 @@
 """Crash anywhere: `quantkit build` SIGKILLed at seeded random moments, then run again; the
-harness is tests/_crash.py (benchmarks/faults.py prints its table)."""
+harness is quantkit/testing/crash.py (benchmarks/faults.py prints its table)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-pytest.register_assert_rewrite("_crash")
-from _crash import (  # noqa: E402
+pytest.register_assert_rewrite("quantkit.testing.crash")
+from quantkit.testing.crash import (  # noqa: E402
     AFTER_VARIANT,
     TOKEN,
     VARIANTS,

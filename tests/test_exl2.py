@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from _gptq_fixtures import variant_of
 from quantkit.calibration import CalibrationSet
 from quantkit.records import BuildContext, SourceModel
 from quantkit.engines.exl2 import EXL2Engine
+from quantkit.testing.engine_bench import variant_of
 
 FAKE_CONVERTER = '''
 import argparse, json, os, sys

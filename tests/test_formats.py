@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import tomli_w
-from _hub_fixtures import SOURCE_CONFIG
 
 from quantkit import card
 from quantkit.engines import ENGINES
@@ -21,6 +20,7 @@ from quantkit.manifest import Manifest, VariantRecord
 from quantkit.plan import make_plan
 from quantkit.recipe import parse_recipe, valid_branch
 from quantkit.records import CalibrationRecord, FileEntry, QualityRecord, SourceRecord
+from quantkit.testing.fabricate import SOURCE_CONFIG
 
 SPECS = [pytest.param(e.spec, id=fmt) for fmt, e in ENGINES.items()]
 PARTIAL_MACROS = ("columns_help", "webui_step", "serving", "python")  # download_command is optional

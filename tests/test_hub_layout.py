@@ -16,14 +16,14 @@ from pathlib import Path
 import pytest
 
 pytest.register_assert_rewrite("_hub_fixtures")  # it is also the plugin named below
-from _hub_fixtures import Build, carded_build, fabricate_build, publish_build  # noqa: E402
-from hub_server import HubServer, summarize  # noqa: E402
 
 from quantkit import card  # noqa: E402
 from quantkit.engines.gguf import hub_quant_label  # noqa: E402
 from quantkit.errors import GateRefused  # noqa: E402
 from quantkit.recipe import parse_recipe  # noqa: E402
 from quantkit.records import QualityRecord  # noqa: E402
+from quantkit.testing.fabricate import Build, carded_build, fabricate_build, publish_build  # noqa: E402
+from quantkit.testing.hub_server import HubServer, summarize  # noqa: E402
 
 pytest_plugins = ("_hub_fixtures",)
 

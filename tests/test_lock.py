@@ -19,9 +19,9 @@ from quantkit.cli import app
 from quantkit.errors import BusyError, QuantkitError
 from quantkit.lock import LOCK_NAME, acquire, hold
 from quantkit.manifest import save_manifest
+from quantkit.testing.fabricate import fabricate_build
 
 pytest.register_assert_rewrite("_hub_fixtures")
-from _hub_fixtures import fabricate_build  # noqa: E402
 
 pytest_plugins = ("_hub_fixtures",)
 

@@ -12,8 +12,6 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from _gptq_fixtures import Bench, make_bench
-
 from quantkit.engines import _gptqmodel as gm
 from quantkit.records import file_entries
 from quantkit.engines.mlx import MLXEngine, MLXParams, mlx_bytes, pack_mlx, unpack_words
@@ -22,6 +20,7 @@ from quantkit.evaluate import score
 from quantkit.hfmodel import hf_logits
 from quantkit.plan import Variant
 from quantkit.sizing import Machine, ModelShape, Workload
+from quantkit.testing.engine_bench import Bench, make_bench
 
 MLX = MLXEngine()
 needs_gptqmodel = pytest.mark.skipif(not gm.is_installed("gptqmodel"), reason="needs the [gptq] extra (GPTQModel)")

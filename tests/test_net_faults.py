@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 
-pytest.register_assert_rewrite("_hub_fixtures", "_net_faults")
-from _hub_fixtures import fabricate_build  # noqa: E402
-from _net_faults import compare, publish_run  # noqa: E402
-from hub_server import RANDOM_KINDS, HubServer  # noqa: E402
+pytest.register_assert_rewrite("_hub_fixtures", "quantkit.testing.net_faults")
 
 from quantkit import card, publish  # noqa: E402
 from quantkit.manifest import load_manifest, save_manifest  # noqa: E402
+from quantkit.testing.fabricate import fabricate_build  # noqa: E402
+from quantkit.testing.hub_server import RANDOM_KINDS, HubServer  # noqa: E402
+from quantkit.testing.net_faults import compare, publish_run  # noqa: E402
 
 pytest_plugins = ("_hub_fixtures",)
 pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning")

@@ -1,6 +1,6 @@
 """Publishing against a local Hub-API server, driven by the real HfApi over HTTP (plain LFS).
 
-Builds are fabricated (real files, made-up weights and quality): see _hub_fixtures.py.
+Builds are fabricated (real files, made-up weights and quality): see quantkit/testing/fabricate.py.
 """
 
 from __future__ import annotations
@@ -16,12 +16,12 @@ from pathlib import Path
 import pytest
 
 pytest.register_assert_rewrite("_hub_fixtures")  # it is also the plugin named below
-from _hub_fixtures import DEMO_RECIPE, Build, carded_build, publish_build, rebuild  # noqa: E402
-from hub_server import HubServer, summarize  # noqa: E402
 
 from quantkit import card, publish  # noqa: E402
 from quantkit.manifest import VariantRecord  # noqa: E402
 from quantkit.records import PublishedRecord  # noqa: E402
+from quantkit.testing.fabricate import DEMO_RECIPE, Build, carded_build, publish_build, rebuild  # noqa: E402
+from quantkit.testing.hub_server import HubServer, summarize  # noqa: E402
 
 pytest_plugins = ("_hub_fixtures",)  # the `hub` and `no_backoff` fixtures
 
@@ -395,10 +395,8 @@ def test_xet_refused_falls_back_to_plain_lfs(hub: HubServer, tmp_path: Path, mon
 def test_env_set_before_import_in_a_fresh_process(hub: HubServer, tmp_path: Path) -> None:
     """The CLI's situation: HF_ENDPOINT, HF_HUB_DISABLE_XET and HF_TOKEN set before import."""
     script = textwrap.dedent(f"""
-        import sys
-        sys.path.insert(0, {str(Path(__file__).parent)!r})
         from pathlib import Path
-        from _hub_fixtures import fabricate_build
+        from quantkit.testing.fabricate import fabricate_build
         from quantkit import card, publish
         b = fabricate_build(Path({str(tmp_path / "sub")!r}))
         m = card.write_cards(b.plan, b.manifest, b.out)

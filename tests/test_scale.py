@@ -1,27 +1,20 @@
 """The GGUF path's memory bound at 7B widths (issue 9), measured the way benchmarks/scale.py
-measures it: a random Llama with 7B widths and 4 layers, built by the pipeline in a child
-process whose whole process tree (llama.cpp tools included) is sampled for RssAnon."""
+measures it (quantkit.testing.scale): a random Llama with 7B widths and 4 layers, built by the
+pipeline in a child process whose whole process tree (llama.cpp tools included) is sampled
+for RssAnon."""
 
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
 def scale():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import scale
+    from quantkit.testing import scale
 
-        yield scale
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+    return scale
 
 
 @pytest.fixture(scope="module")

@@ -108,7 +108,7 @@ def test_plan_command_shows_files_and_one_warning_line_per_variant() -> None:
 
 
 def test_publish_refuses_a_file_over_the_hub_limit_before_any_request(tmp_path: Path) -> None:
-    from _hub_fixtures import fabricate_build
+    from quantkit.testing.fabricate import fabricate_build
 
     from quantkit import publish
 
@@ -321,7 +321,7 @@ def test_gptq_shards_with_an_index_reload_with_the_same_logits(tiny_llama: Path,
     """GPTQ 4-bit of tiny-llama at split_max_size 1M: transformers' shard layout, each file
     within the limit; reloaded through transformers it gives exactly the logits of the same
     tensors in one model.safetensors."""
-    from _gptq_fixtures import build, make_bench, variant_of
+    from quantkit.testing.engine_bench import build, make_bench, variant_of
     from safetensors.torch import load_file, save_file
 
     from quantkit.engines import ENGINES

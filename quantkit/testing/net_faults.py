@@ -1,7 +1,7 @@
 """Publishing through a faulty network: the harness behind tests/test_net_faults.py and
 benchmarks/faults.py.
 
-A fabricated build (real files, see _hub_fixtures.py) is published to a local Hub that fails
+A fabricated build (real files, see fabricate.py) is published to a local Hub that fails
 requests at random (hub_server.RandomFaults: 5xx, 429 with Retry-After, resets mid-upload,
 slow and lost answers), re-run until a run succeeds; then one variant is rebuilt and published
 the same way. The Hub's state is then compared with the same two steps done without faults.
@@ -16,11 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from _hub_fixtures import Build, fabricate_build, rebuild
-from hub_server import HubServer, summarize, use_hub
-
 from quantkit import card, publish
 from quantkit.manifest import save_manifest
+from quantkit.testing.fabricate import Build, fabricate_build, rebuild
+from quantkit.testing.hub_server import HubServer, summarize, use_hub
 
 MAX_RUNS = 12  # publish runs per step before the harness gives up
 CHANGED = "gptq-8bit-32g-actorder_True"  # the variant rebuilt in the second step

@@ -1,6 +1,6 @@
-"""The local Hub stand-in (tests/hub_server.py) as a process of its own, for shell scripts.
+"""The local Hub stand-in (hub_server.py) as a process of its own, for shell scripts.
 
-    python benchmarks/hub_stand_in.py --info INFO.json --state STATE.json [--port 0]
+    python -m quantkit.testing.hub_stand_in --info INFO.json --state STATE.json [--port 0]
 
 Listens on 127.0.0.1 (a container reaches it with `--network host`), writes
 `{"url", "token", "user"}` to INFO.json once it listens, serves until SIGTERM or SIGINT, then
@@ -18,8 +18,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from hub_server import HubServer, summarize  # noqa: E402
+from quantkit.testing.hub_server import HubServer, summarize
 
 
 def state(hub: HubServer) -> dict[str, Any]:

@@ -26,9 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from quantkit.lock import LOCK_NAME
-from quantkit.manifest import load_manifest
-
-ROOT = Path(__file__).resolve().parent.parent
+from quantkit.manifest import State, load_manifest
+from quantkit.testing.models import ROOT
 VARIANTS = ("gptq-4bit-32g-actorder_True", "gguf-Q4_K_M", "gguf-Q8_0")
 THREAD_ENV = {"OMP_NUM_THREADS": "2", "GPTQMODEL_CPU_WORKERS": "2", "QUANTKIT_THREADS": "2"}
 # Every build runs with a Hub token in its environment, as a publisher's does: it must not
@@ -198,7 +197,7 @@ def _state_at_kill(out: Path, ref: Reference) -> tuple[tuple[str, ...], tuple[st
     files = final_files(out) if out.is_dir() else {}
     broken += [p for p, h in files.items() if ref.files.get(p) != h]
     def at(state: str) -> tuple[str, ...]:
-        return tuple(n for n in VARIANTS if m and n in m.variants and m.variants[n].at_least(state))
+        return tuple(n for n in VARIANTS if m and n in m.variants and m.variants[n].at_least(State(state)))
 
     return at("evaluated"), at("built"), tuple(broken)
 
@@ -241,9 +240,9 @@ def crash_once(root: Path, recipe: Path, ref: Reference, kill: int, at: float, *
     rc = run_build(recipe, out, rerun_log)
     text = rerun_log.read_text(errors="replace")
     started = tuple(n for n in VARIANTS if re.search(rf"^▶ {re.escape(n)} ", text, re.M))
-    after = _mtimes(out)
+    now = _mtimes(out)
     rewritten = tuple(sorted({p.split("/")[0] for p, t in before.items()
-                              if not p.endswith("README.md") and after.get(p) != t}))
+                              if not p.endswith("README.md") and now.get(p) != t}))
     return KillResult(kill, round(at, 2), killed, lines[-1].strip() if lines else "", done, built, broken, lock_left,
                       rc, started, rewritten, "note: took over the lock" in text,
                       _differences(out, ref) if rc == 0 else ("re-run failed: " + text[-500:],))

@@ -1,22 +1,9 @@
-"""Shared by the benchmark scripts: the SmolLM2 checkpoint (built offline, cached)."""
+"""What the benchmark scripts print and compare: markdown tables, and a hash of the tensors
+GPTQ packs (to tell whether two GPTQ outputs hold the same quantized weights)."""
 
 from __future__ import annotations
 
-import os
-import sys
 from pathlib import Path
-
-ROOT = Path(__file__).resolve().parent.parent
-CACHE = Path(os.environ.get("QUANTKIT_CACHE", Path.home() / ".cache" / "quantkit")) / "test-models"
-sys.path.insert(0, str(ROOT))
-
-
-def smollm2(layers: int | None = None) -> Path:
-    """The same cached checkpoint the tests use (tests/conftest.py names)."""
-    from quantkit.demo import build_smollm2
-
-    name = "smollm2-135m-instruct-v1" if layers is None else f"smollm2-135m-instruct-{layers}l-v1"
-    return build_smollm2(CACHE / name, layers=layers)
 
 
 def table(headers: list[str], rows: list[list[object]]) -> str:

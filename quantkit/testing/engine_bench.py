@@ -1,9 +1,10 @@
-"""Helpers shared by test_gptq.py and test_awq.py: a BuildContext over a test model with
-the shipped German calibration sample, the variant to build, and quality against the
-unquantized model through quantkit.evaluate."""
+"""An engine on a test bench, for the engine tests (GPTQ, AWQ, EXL2, MLX) and benchmarks: a
+BuildContext over a test model with the shipped German calibration sample, the variant to
+build, and quality against the unquantized model through quantkit.evaluate."""
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,17 @@ class Bench:
         src = SourceModel(str(self.source), self.source, "local", "test", 0, "LlamaForCausalLM")
         return BuildContext(src, self.calib, self.work, "cpu",
                             lambda task, done, total: self.events.append((task, done, total)))
+
+
+def timed_context(source: SourceModel, calib: CalibrationSet, work: Path,
+                  events: list[tuple[str, int, int | None, float]] | None = None) -> BuildContext:
+    """A CPU BuildContext whose progress goes to `events` as (task, done, total, perf_counter)."""
+
+    def progress(task: str, done: int, total: int | None) -> None:
+        if events is not None:
+            events.append((task, done, total, time.perf_counter()))
+
+    return BuildContext(source, calib, work, "cpu", progress)
 
 
 def make_bench(source: Path, work: Path, *, samples: int = 8, seq_len: int = 256) -> Bench:
