@@ -11,6 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from typer.testing import CliRunner
 
 from quantkit.cli import app
@@ -223,8 +225,39 @@ def test_doctor_lists_engines() -> None:
         assert part in res.stdout
 
 
+def test_a_batch_builds_the_next_recipes_gguf_after_a_failed_conversion(
+        tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first recipe's conversion dies (the converter killed, as by the OOM killer); the second
+    recipe — the same model, so the same build folder and 16-bit GGUF — converts again and builds
+    its GGUF variants. Engines keep no state between builds: no failure outlives its build."""
+    real, killed = subprocess.Popen, []
+
+    def popen(cmd, *a, **kw):  # the first converter run dies; every other program runs as it is
+        if not killed and any("convert_hf_to_gguf" in str(c) for c in cmd):
+            killed.append(cmd)
+            cmd = ["sh", "-c", "echo Killed >&2; exit 137"]
+        return real(cmd, *a, **kw)
+
+    monkeypatch.setattr(subprocess, "Popen", popen)
+    recipes = []
+    for i, variants in enumerate(('[[variants]]\nformat = "gguf"\nquant = "Q8_0"\n',
+                                  '[[variants]]\nformat = "gguf"\nquant = "Q8_0"\n'
+                                  '[[variants]]\nformat = "gguf"\nquant = "Q4_0"\nimatrix = false\n')):
+        r = tmp_path / f"r{i}.toml"
+        r.write_text(_recipe(tmp_path, tiny_llama, variants).read_text())
+        recipes.append(r)
+    res = CliRunner().invoke(app, ["batch", *map(str, recipes), "--out", str(tmp_path / "b")], env=_env())
+    assert killed and res.exit_code == 1, res.output
+    assert "r0.toml" in res.stdout and "r1.toml" in res.stdout and " ok " in res.stdout
+    m = load_manifest(tmp_path / "b" / "tiny")
+    assert m is not None and m.variants["gguf-Q4_0-noimatrix"].state == "carded"
+    assert m.variants["gguf-Q8_0"].state == "carded"  # failed in r0, built by r1
+    assert (tmp_path / "b" / "tiny" / "gguf-Q4_0-noimatrix" / "tiny.Q4_0-noimatrix.gguf").is_file()
+
+
 def test_gguf_ladder_through_build(tiny_llama: Path, tmp_path: Path) -> None:
-    """Shared work once (convert, imatrix, parallel quantize), then one folder per type."""
+    """Shared steps once (convert, imatrix), then one folder per type; the 16-bit GGUF is
+    removed after the last type that needs it, the imatrix kept."""
     recipe = _recipe(tmp_path, tiny_llama, '[[variants]]\nformat = "gguf"\nquant = ["Q8_0", "Q4_K_M", "Q2_K"]\n')
     out = tmp_path / "build"
     res = _build(recipe, out)
@@ -236,3 +269,4 @@ def test_gguf_ladder_through_build(tiny_llama: Path, tmp_path: Path) -> None:
         quant = name.split("-", 1)[1]
         assert (out / name / f"tiny.{quant}.gguf").is_file()
         assert rec.notes["imatrix"] == (quant != "Q8_0") and rec.seconds > 0  # Q8_0 ignores an imatrix
+    assert not list((out / ".work" / "gguf").glob("base-*")) and list((out / ".work" / "gguf").glob("imatrix-*"))
