@@ -18,7 +18,8 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-from . import __version__, atomic, formats
+from . import __version__, atomic, chart, formats
+from .chart import CHART
 from .formats import CardRow, human_size, yes
 from .manifest import Manifest, State, VariantRecord
 from .plan import Plan, Variant, repo_for
@@ -260,6 +261,7 @@ class CardContext:
     run_device: str  # "RAM" or "VRAM": what the memory column counts
     human_size: Any  # the formatter, for the template's memory line
     extra: dict[str, Any]  # names the format's partial uses (FormatSpec.card_context)
+    chart: str | None = None  # the size-against-quality picture beside the README, when there is one
 
     def names(self) -> dict[str, Any]:
         """The template's variables: the fields, and the partial's extra names beside them."""
@@ -303,6 +305,7 @@ def card_context(plan: Plan, manifest: Manifest, variant: str, *, owner: str | N
             "{prompt}", "Was ist die Hauptstadt von Deutschland?"),
         original=original, run_device=spec.run_device, human_size=human_size,
         extra=spec.extra_context(current, rows),
+        chart=CHART if (plan.variant_dir(v) / CHART).is_file() else None,
     )
 
 
@@ -370,6 +373,8 @@ def write_cards(plan: Plan, manifest: Manifest, out_dir: Path, *, owner: str | N
     branch no longer holds what the folder holds. The caller saves the manifest.
     """
     original = original or load_original_card(plan.recipe, out_dir=out_dir)
+    m = plan.recipe.model
+    chart.write(manifest, Path(out_dir), f"{m.display_name or m.model_name}: file size against KLD, every variant")
     for name, text in render_cards(plan, manifest, owner=owner, original=original).items():
         path = Path(out_dir) / name / README
         if not path.parent.is_dir():

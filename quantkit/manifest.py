@@ -64,6 +64,10 @@ class VariantRecord:
     notes: dict[str, Any] = field(default_factory=dict)
     error: str | None = None  # why it failed, when state == "failed"
     published: PublishedRecord | None = None
+    # The last task that built and/or scored it, measured: wall seconds, and the peak RssAnon of
+    # the build's process tree (what the plan's estimates are checked against in report.html).
+    task_seconds: float = 0.0
+    peak_ram: int = 0
 
     def __post_init__(self) -> None:
         if not isinstance(self.state, State):  # a state given by its name ("evaluated")

@@ -26,16 +26,18 @@ from .calibration import build_calibration, language_warning
 from .engines import ENGINES, Engine
 from .errors import EngineError, ManifestError, QuantkitError, ResourceError, SourceError, for_variant
 from .evaluate import EvalSet, Quality, Reference, compute_reference, make_eval_set, score, streamed_rows
-from .events import Done, Failed, Progress, Reporter, Skipped, Stage, Started, Warn, quiet
-from .graph import REFERENCE, Action, BuildGraph, Freshness, Task, make_graph, unfinished
+from .events import Done, Estimates, Failed, Progress, Reporter, Skipped, Stage, Started, StepDone, Warn, quiet
+from .graph import Action, BuildGraph, Freshness, Task, make_graph, unfinished
 from .manifest import Manifest, State, VariantRecord, load_manifest, save_manifest
+from .peak import PeakRss
 from .plan import Plan, cache_key
+from .report import write_report
 from .recipe import Recipe, resolve_local_source
 from .records import (BuildContext, CalibrationRecord, CalibrationSet, EngineResult, FileEntry, QualityRecord,
                       SourceModel, SourceRecord, bits_per_weight, file_entries)
 from .sizing import Machine
 from .source_check import check_source_folder
-from .steps import Products, SharedStep, StepFailed
+from .steps import REFERENCE, Products, SharedStep, StepFailed
 from .variant import Variant
 
 WORK = ".work"  # scratch inside the build folder: reference logits, shared engine files
@@ -186,6 +188,9 @@ def prepare(plan: Plan, report: Reporter = quiet) -> Inputs:
     return Inputs(plan, source, tokenizer, calib, detect_device())
 
 
+TITLE = "reference logits (unquantized model)"
+
+
 def reference_step(inputs: Inputs, report: Reporter) -> SharedStep:
     """The unquantized model's log-probabilities on the held-out chunks, cached in work_dir:
     run where the build is driven (it needs the tokenizer), shared with every task by value."""
@@ -196,11 +201,11 @@ def reference_step(inputs: Inputs, report: Reporter) -> SharedStep:
         # The unquantized model one block at a time: float32 on the CPU, bf16 on a GPU.
         dtype = "bfloat16" if inputs.device == "cuda" else "float32"
         rows = streamed_rows(es, inputs.source.path, dtype=dtype, device=inputs.device)
-        ref = compute_reference(es, rows, cache, lambda d, t: report(Progress(REFERENCE, "reference logits", d, t)))
+        ref = compute_reference(es, rows, cache, lambda d, t: report(Progress(REFERENCE, TITLE, d, t)))
         give_back_memory()
         return es, ref
 
-    return SharedStep(REFERENCE, "reference logits (unquantized model)", run, local=True)
+    return SharedStep(REFERENCE, TITLE, run, local=True)
 
 
 def recipe_sha256(recipe: Recipe) -> str:
@@ -274,8 +279,8 @@ def begin(plan: Plan, *, only: list[str] | None = None, report: Reporter = quiet
     """Preflight (before anything is read or downloaded; `machine`: what to weigh against,
     default this one), shared inputs, manifest, graph (see graph.make_graph for the rest)."""
     variants = plan.select(only)
-    if preflight:
-        check_resources(plan, variants, report, machine)
+    if not rescore:
+        check_resources(plan, variants, report, machine, refuse=preflight)
     inputs = prepare(plan, report)
     manifest = start_manifest(plan, inputs)
     env = inputs.env()
@@ -298,6 +303,8 @@ def finish(b: Begun, ran: Ran) -> BuildResult:
     b.report(Stage("model cards"))
     m = card.write_cards(b.plan, ran.manifest, b.plan.out_dir)
     save_manifest(b.plan.out_dir, m)
+    page = write_report(b.plan, m, b.plan.out_dir)
+    b.report(Stage(f"report: {page}"))
     return BuildResult(m, tuple(ran.built), b.graph.skipped, dict(ran.failed))
 
 
@@ -319,10 +326,11 @@ def reevaluate(plan: Plan, *, only: list[str] | None = None, report: Reporter = 
 
 
 def check_resources(plan: Plan, variants: tuple[Variant[Any], ...], report: Reporter = quiet,
-                    machine: Machine | None = None) -> None:
-    """Estimate what the variants still to build need (resources.py) and refuse early,
-    with ResourceError, when RAM + swap or disk cannot hold it. A config the estimate
-    cannot read is a warning, not a refusal: the build itself will say what is wrong."""
+                    machine: Machine | None = None, refuse: bool = True) -> None:
+    """Estimate what the variants still to build need (resources.py), report the estimates
+    (the progress display's ETAs) and, with `refuse`, refuse early, with ResourceError, when
+    RAM + swap or disk cannot hold it. A config the estimate cannot read is a warning, not a
+    refusal: the build itself will say what is wrong."""
     from .resources import check_fits, plan_resources
 
     todo = [v.name for v in unfinished(variants, load_manifest(plan.out_dir))]
@@ -336,7 +344,9 @@ def check_resources(plan: Plan, variants: tuple[Variant[Any], ...], report: Repo
     b = rp.build
     report(Stage(f"resource plan: peak RAM ~{b.ram / 1e9:.1f} GB ({b.stage}), "
                  f"disk ~{b.disk / 1e9:.1f} GB, ~{b.seconds / 60:.0f} min"))
-    check_fits(rp, plan.out_dir)
+    report(Estimates({**{k: e.seconds for k, e in rp.steps.items()}, **{k: e.seconds for k, e in rp.variants.items()}}))
+    if refuse:
+        check_fits(rp, plan.out_dir)
 
 
 # ---------------------------------------------------------------- one task
@@ -362,7 +372,12 @@ def run_task(task: Task, env: TaskEnv, m: Manifest, products: Products, report: 
     try:
         if task.action == Action.FAIL:
             raise _Unavailable(task.fresh.error or "its engine cannot run here")
-        return _run(task, env, m, products, report, save), Outcome("built")
+        with PeakRss() as peak:
+            m = _run(task, env, m, products, report, save)
+        m = m.with_variant(v.name, replace(m.variants[v.name], task_seconds=round(peak.seconds, 2),
+                                           peak_ram=peak.bytes))
+        save(m, v.name)
+        return m, Outcome("built")
     except VARIANT_ERRORS as e:
         reason = failure_reason(e)
         if task.action != Action.RESCORE:
@@ -513,11 +528,16 @@ class LazyProducts(Mapping[str, Any]):
         bad = next((d for d in deps.values() if isinstance(d, StepFailed)), None)
         if bad is not None:
             return bad
-        self.report(Stage(step.title if step.key == REFERENCE else f"{step.key}: {step.title}"))
+        label = step.title if step.key == REFERENCE else f"{step.key}: {step.title}"
+        self.report(Progress(step.key, step.title))  # a bar (with the plan's ETA) while it runs
+        t0 = time.perf_counter()
         try:
-            return step.run(self.env.context(step.key, self.report), deps)
+            made = step.run(self.env.context(step.key, self.report), deps)
         except Exception as e:  # noqa: BLE001 - every task that needs it fails with it, under its own name
+            self.report(StepDone(step.key, f"{label}: failed after {time.perf_counter() - t0:.0f} s"))
             return StepFailed(step.key, e)
+        self.report(StepDone(step.key, f"{label} ({time.perf_counter() - t0:.0f} s)"))
+        return made
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.made)

@@ -10,12 +10,12 @@ from pathlib import Path
 from typing import Any
 
 from .errors import Problem, RecipeError
-from .recipe import SPECS, Recipe, VariantSpec, valid_branch, valid_repo_name
+from .recipe import SPECS, Recipe, VariantSpec, load_partial, valid_branch, valid_repo_name
 from .variant import Variant
 
 CACHE_SCHEMA = 1  # bump when what a cache key covers changes
 
-__all__ = ["Plan", "Variant", "cache_key", "make_plan", "repo_for"]
+__all__ = ["Plan", "Variant", "cache_key", "load_plan", "make_plan", "repo_for"]
 
 
 @dataclass(frozen=True)
@@ -66,6 +66,22 @@ def make_plan(recipe: Recipe, out_dir: Path | None = None) -> Plan:
     return Plan(recipe, tuple(_ordered(variants)), out)
 
 
+def load_plan(path: str | Path, out_dir: Path | None = None) -> Plan:
+    """A recipe file read and planned. Every problem of both stages comes at once, in one
+    RecipeError sorted by line: the file's own, and the plan's (names, branches, repos) for
+    the variants that are valid."""
+    recipe, problems = load_partial(path)
+    plan = None
+    if recipe is not None:
+        try:
+            plan = make_plan(recipe, out_dir)
+        except RecipeError as e:
+            problems = sorted(dict.fromkeys([*problems, *e.problems]), key=lambda p: (p.line is None, p.line or 0))
+    if problems or plan is None:
+        raise RecipeError(str(path), problems)
+    return plan
+
+
 def _assign_branches(variants: list[Variant], recipe: Recipe, problems: list[Problem]) -> list[Variant]:
     """Explicit branches stay; the repo's first unnamed variant is `main` when none claims it."""
     by_repo: dict[str, list[Variant]] = defaultdict(list)
@@ -92,7 +108,7 @@ def _check_repos(variants: list[Variant], recipe: Recipe) -> list[Problem]:
         key = (v.repo, v.branch)
         if key in taken and v.branch != "main":  # a second main is reported already
             out.append(_problem(recipe, v, "branch", f"{v.repo}@{v.branch} is used by another "
-                                f"variant ({taken[key]})"))
+                                f"variant (variants[{taken[key]}])"))
         taken.setdefault(key, v.index)
         name = v.repo.split("/")[-1]
         if not valid_repo_name(name):

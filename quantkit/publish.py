@@ -214,6 +214,9 @@ def _local_files(ctx: _Ctx, v: Variant, rec: VariantRecord,
     out = _variant_files(ctx, v, rec) + list(extra)
     text = ctx.readmes[v.name].encode("utf-8")
     out.append(LocalFile(card.README, len(text), text, lambda: hashlib.sha256(text).hexdigest()))
+    picture = folder / card.CHART  # the card shows it: it goes where the card goes
+    if picture.is_file():
+        out.append(LocalFile(card.CHART, picture.stat().st_size, picture, functools.partial(ctx.cache.sha256, picture)))
     listed = {f.path for f in out}
     ignored = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")
                      if p.is_file() and p.relative_to(folder).as_posix() not in listed) if folder.is_dir() else []

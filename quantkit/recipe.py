@@ -212,6 +212,12 @@ def load_recipe(path: str | Path, *, check_source: bool = True) -> Recipe:
     return parse_recipe(_read_recipe(p), file=str(p), base_dir=p.parent, check_source=check_source)
 
 
+def load_partial(path: str | Path, *, check_source: bool = True) -> tuple[Recipe | None, list[Problem]]:
+    """parse_partial for a file: a file that cannot be read is its one problem."""
+    p = Path(path)
+    return parse_partial(_read_recipe(p), file=str(p), base_dir=p.parent, check_source=check_source)
+
+
 def _read_recipe(p: Path) -> str:
     """The file's text; a folder, a huge file or non-UTF-8 bytes are one clear problem each."""
     def bad(message: str) -> RecipeError:
@@ -233,32 +239,71 @@ def _read_recipe(p: Path) -> str:
 
 def parse_recipe(text: str, *, file: str = "<recipe>", base_dir: str | Path = ".",
                  check_source: bool = True) -> Recipe:
+    """A validated recipe; RecipeError naming every problem of every table at once."""
+    recipe, problems = parse_partial(text, file=file, base_dir=base_dir, check_source=check_source)
+    if problems or recipe is None:
+        raise RecipeError(file, problems)
+    return recipe
+
+
+def parse_partial(text: str, *, file: str = "<recipe>", base_dir: str | Path = ".",
+                  check_source: bool = True) -> tuple[Recipe | None, list[Problem]]:
+    """Every problem the file has, each with its field path and line, and the recipe made of its
+    valid parts (None when even that cannot be made: no model source, no variants), so that
+    the next stage can add its own problems to the same list."""
     try:
         raw = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
+    except tomllib.TOMLDecodeError as e:  # nothing past a syntax error can be read
         m = re.search(r"\(at line (\d+)", str(e))
-        line = int(m.group(1)) if m else None
-        raise RecipeError(file, [Problem("<toml>", str(e).split(" (at line")[0], line)]) from None
+        return None, [Problem("<toml>", str(e).split(" (at line")[0], int(m.group(1)) if m else None)]
     locate = _Locator(text)
-    try:
-        rf = _RecipeFile.model_validate(raw)
-    except ValidationError as e:
-        raise RecipeError(file, [locate.problem(p, m) for p, m in _pydantic_problems(e)]) from None
-    problems: list[Problem] = []
-    variants = [v.model_copy(update={"line": locate.line_of(f"variants[{v.index}]")})
-                for v in _expand_all(rf, problems)]
+    rf, found = _validate_tables(raw)
+    problems = [Problem(p, m) for p, m in found]
     recipe = None
-    if not problems:
+    if rf is not None:
+        variants = [v.model_copy(update={"line": locate.line_of(f"variants[{v.index}]")})
+                    for v in _expand_all(rf, problems)]
         recipe = Recipe(model=rf.model, calibration=rf.calibration, evaluation=rf.evaluation,
                         publish=rf.publish, build=rf.build, variants=tuple(variants), path=file,
                         base_dir=str(Path(base_dir).resolve()))
         problems += _check_branches(recipe)
         if check_source:
             problems += _check_source(recipe)
-    if problems:
-        raise RecipeError(file, [locate.problem(p.path, p.message) for p in problems])
-    assert recipe is not None
-    return recipe
+    located = [locate.problem(p.path, p.message) for p in problems]
+    return recipe, sorted(dict.fromkeys(located), key=lambda p: (p.line is None, p.line or 0))
+
+
+def _validate_tables(raw: dict[str, Any]) -> tuple[_RecipeFileBase | None, list[tuple[str, str]]]:
+    """The file's tables, each problem once; a bad value falls back to its default so that the
+    rest of the recipe is still checked (None when a required part is missing or unusable)."""
+    try:
+        return _RecipeFile.model_validate(raw), []
+    except ValidationError as e:
+        found = _pydantic_problems(e)
+        cleaned = _without(raw, [err["loc"] for err in e.errors()])
+    try:
+        return _RecipeFile.model_validate(cleaned), found
+    except ValidationError:
+        return None, found
+
+
+def _without(raw: Any, locs: list[tuple[Any, ...]]) -> Any:
+    """`raw` with the value at each location removed (its default then applies)."""
+    import copy
+
+    out = copy.deepcopy(raw)
+    for loc in locs:
+        node, keys = out, [k for k in loc if not str(k).startswith(("function-", "int", "float"))]
+        for k in keys[:-1]:
+            node = node.get(k) if isinstance(node, dict) else None
+        if isinstance(node, dict) and keys:
+            node.pop(keys[-1], None)
+    return out
+
+
+# pydantic's bound errors, in the words the rest of our messages use
+_BOUNDS = {"greater_than_equal": "at least", "greater_than": "more than", "less_than_equal": "at most",
+           "less_than": "less than"}
 
 
 def _pydantic_problems(e: ValidationError, prefix: str = "") -> list[tuple[str, str]]:
@@ -269,6 +314,12 @@ def _pydantic_problems(e: ValidationError, prefix: str = "") -> list[tuple[str, 
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
+        elif err["type"] in _BOUNDS and "ctx" in err:
+            msg = f"must be {_BOUNDS[err['type']]} {next(iter(err['ctx'].values()))}"
+        got = err.get("input")
+        if err["type"] not in ("extra_forbidden", "missing") and isinstance(got, (int, float, str)) \
+                and repr(got) not in msg:
+            msg += f" (got {err['input']!r})"
         out.append((path, msg))
     return out
 
@@ -284,11 +335,14 @@ def _join_path(parts: list[str]) -> str:
 
 
 def _expand_all(rf: _RecipeFileBase, problems: list[Problem]) -> list[VariantSpec]:
+    """Every entry's variants; each entry's problems are its own (one bad entry stops no other)."""
     out: list[VariantSpec] = []
     for i, entry in enumerate(rf.variants):
         fmt = entry.get("format")
         defaults = getattr(rf, SPECS[fmt].defaults_table) if fmt in SPECS else {}
-        out += _expand_one(i, entry, defaults, problems)
+        own: list[Problem] = []
+        out += _expand_one(i, entry, defaults, own)
+        problems += own
     return out
 
 

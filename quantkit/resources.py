@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ResourceError
+from .steps import REFERENCE
 from .sizing import (GB, MACHINES, PROCESS_BASE, Estimate, Machine, ModelShape, RunMemory, Workload,
                      reference_cache_bytes, reference_estimate, run_memory, this_machine)
 
@@ -32,6 +33,7 @@ class ResourcePlan:
     variants: dict[str, Estimate] = field(default_factory=dict)
     build: Estimate = Estimate(0)
     run: dict[str, tuple[str, RunMemory]] = field(default_factory=dict)  # variant -> (RAM|VRAM, memory to run)
+    steps: dict[str, Estimate] = field(default_factory=dict)  # shared step key (and the reference) -> estimate
 
     def as_dict(self) -> dict[str, Any]:
         return {"machine": self.machine.name, "params": self.shape.params, "bf16_bytes": self.shape.bf16_bytes,
@@ -63,12 +65,13 @@ def plan_resources(plan: Any, machine: Machine | None = None, config: dict[str, 
                 for v in selected}
     shared = _shared(selected, shape, work, machine)
     ref = replace(ref, disk=reference_cache_bytes(shape, work))
+    steps = {REFERENCE: ref, **shared}
     # Memory to run each variant, from the estimated size of its files (the card has the measured one).
     specs = {v.name: ENGINES[v.format].spec for v in selected}
     run = {v.name: (specs[v.name].run_device, run_memory(_output_bytes(variants[v.name]), shape,
                                                           specs[v.name].run_overhead(shape)))
            for v in selected}
-    return ResourcePlan(machine, shape, variants, _combine(list(variants.values()), [ref, *shared]), run)
+    return ResourcePlan(machine, shape, variants, _combine(list(variants.values()), list(steps.values())), run, steps)
 
 
 def file_warnings(rp: ResourcePlan) -> dict[str, str]:
@@ -102,15 +105,15 @@ def _with_reference(e: Estimate, ref: Estimate) -> Estimate:
     return e if e.ram >= ref.ram else replace(e, ram=ref.ram, vram=max(e.vram, ref.vram), stage=ref.stage)
 
 
-def _shared(variants: Any, shape: ModelShape, work: Workload, machine: Machine) -> list[Estimate]:
+def _shared(variants: Any, shape: ModelShape, work: Workload, machine: Machine) -> dict[str, Estimate]:
     """Work an engine does once for all its variants (its shared steps: GGUF's convert and imatrix)."""
     from .engines import ENGINES
 
-    out = []
+    out = {}
     for fmt in dict.fromkeys(v.format for v in variants):
         for step in ENGINES[fmt].shared_steps([v for v in variants if v.format == fmt]):
             if step.estimate is not None:
-                out.append(step.estimate(shape, work, machine))
+                out[step.key] = step.estimate(shape, work, machine)
     return out
 
 

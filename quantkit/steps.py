@@ -19,6 +19,7 @@ from .sizing import Estimate, Machine, ModelShape, Workload
 
 # Step key or variant name -> what it made (a step's return value, a variant's folder).
 Products = Mapping[str, Any]
+REFERENCE = "reference"  # the step every evaluation reads: the unquantized model's log-probabilities
 
 
 @dataclass(frozen=True)

@@ -66,13 +66,14 @@ def test_every_gguf_file_lies_on_main_and_on_its_own_branch(hub: HubServer, tmp_
     assert report.ok and report.commits == 5
     main = set(hub.files(REPO, "main"))
     ggufs = {f"tiny_german.{t}.gguf" for t in ("Q4_K_M", "Q5_K_M", "Q3_K_M", "Q2_K", "Q2_K-noimatrix")}
-    assert main == ggufs | {"README.md", "tiny_german.imatrix", ".gitattributes"}
+    assert main == ggufs | {"README.md", "quality.png", "tiny_german.imatrix", ".gitattributes"}
     for v in b.plan.variants:
         on_branch = set(hub.files(REPO, v.branch)) - {".gitattributes", "README.md"}
         assert f"tiny_german.{v.name.removeprefix('gguf-')}.gguf" in on_branch
     # content-addressed: each distinct file went up once although main and a branch hold it
     distinct = {f.sha256: f.size for r in b.manifest.variants.values() for f in r.files if f.path != "README.md"}
-    assert sum(r.bytes_in for r in hub.requests("PUT")) == sum(distinct.values())
+    picture = (b.folder(b.plan.variants[0].name) / "quality.png").stat().st_size  # the repo's own picture
+    assert sum(r.bytes_in for r in hub.requests("PUT")) == sum(distinct.values()) + picture
 
     hub.reset_log()
     again = _publish(b)

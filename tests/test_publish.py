@@ -43,9 +43,17 @@ def _expected_files(b: Build, name: str) -> dict[str, bytes]:
 
 
 def _distinct_weight_bytes(b: Build) -> int:
-    """Bytes of the binary files (weights, importance matrix), each distinct content counted once per repo."""
-    return sum({(v.repo, f.sha256): f.size for v in b.plan.variants for f in b.manifest.variants[v.name].files
-                if f.path.endswith((".safetensors", ".gguf", ".imatrix"))}.values())
+    """Bytes of the binary files (weights, importance matrix, and the cards' picture), each distinct
+    content counted once per repo."""
+    import hashlib
+
+    from quantkit.chart import CHART
+
+    weights = {(v.repo, f.sha256): f.size for v in b.plan.variants for f in b.manifest.variants[v.name].files
+               if f.path.endswith((".safetensors", ".gguf", ".imatrix"))}
+    pictures = {(v.repo, hashlib.sha256(p.read_bytes()).hexdigest()): p.stat().st_size for v in b.plan.variants
+                if (p := b.folder(v.name) / CHART).is_file()}  # one per repo: the picture of its table
+    return sum(weights.values()) + sum(pictures.values())
 
 
 def _heads(hub: HubServer) -> dict[tuple[str, str], str]:
@@ -134,7 +142,8 @@ def test_one_variant_rebuilt_gives_one_commit_on_its_branch_only(hub: HubServer,
 
 
 def test_visible_quality_change_updates_every_branch_readme(hub: HubServer, tmp_path: Path) -> None:
-    """The table is the same in every branch: a changed row is a README-only commit elsewhere."""
+    """The table (and its picture) is the same in every branch of a repo: a changed row is a
+    card-only commit elsewhere in that repo, and none in the other repo."""
     b = _built(tmp_path)
     _publish(b)
     rebuild(b, "gptq-8bit-32g-actorder_True", keep_quality=False)
@@ -143,8 +152,8 @@ def test_visible_quality_change_updates_every_branch_readme(hub: HubServer, tmp_
     report = _publish(b)
 
     added = {x.branch: sorted(f.path for f in x.added) for x in report.branches if x.repo == GPTQ}
-    assert added == {"main": ["README.md"], "gptq-4bit-32g-actorder_True": ["README.md"],
-                     "gptq-8bit-32g-actorder_True": ["README.md", "model.safetensors"]}
+    assert added == {"main": ["README.md", "quality.png"], "gptq-4bit-32g-actorder_True": ["README.md", "quality.png"],
+                     "gptq-8bit-32g-actorder_True": ["README.md", "model.safetensors", "quality.png"]}
     assert all(not x.commit for x in report.branches if x.repo == GGUF)
 
 
@@ -233,7 +242,7 @@ def test_commit_keeps_failing_reports_branch_and_goes_on(hub: HubServer, tmp_pat
     report = _publish(b)
     (failed,) = [x for x in report.branches if x.status == "failed"]
     assert failed.branch == "main" and failed.repo == GPTQ and failed.attempts == publish.COMMIT_ATTEMPTS
-    assert "500" in (failed.error or "") and [f.path for f in failed.added][-1] == "README.md"
+    assert "500" in (failed.error or "") and "README.md" in [f.path for f in failed.added]
     assert hub.commit_count(GPTQ, "main") == 1  # nothing landed
     assert sum(x.status == "committed" for x in report.branches) == 4
 
@@ -295,11 +304,12 @@ def test_dry_run_lists_every_operation_and_changes_nothing(hub: HubServer, tmp_p
     assert {x.status for x in report.branches} == {"planned"}
     main = report.branches[0]
     assert {f.path for f in main.added} == {"README.md", "config.json", "model.safetensors",
-                                            "quantize_config.json", "tokenizer.json"}
+                                            "quantize_config.json", "tokenizer.json", "quality.png"}
     # the README is rendered with the owner resolved now; the folder keeps its own until a real run
     readme = card.render_card(b.plan, b.manifest, main.variant, owner=hub.user,
                               original=card.load_original_card(b.plan.recipe))
-    assert main.bytes == len(readme.encode()) + sum(f.size for f in b.manifest.variants[main.variant].files)
+    assert main.bytes == len(readme.encode()) + sum(f.size for f in b.manifest.variants[main.variant].files) + \
+        (b.folder(main.variant) / "quality.png").stat().st_size
     assert "{owner}" in (b.folder(main.variant) / "README.md").read_text()
     assert not hub.repos and not hub.requests("POST") and not hub.requests("PUT")
     assert report.manifest == manifest_before
@@ -314,7 +324,8 @@ def test_dry_run_lists_every_operation_and_changes_nothing(hub: HubServer, tmp_p
     hub.reset_log()
     plan = _publish(b, dry_run=True)
     q8 = next(x for x in plan.branches if x.branch == "Q8_0")
-    assert [f.path for f in q8.added] == ["tiny_german.Q8_0.gguf"] and [f.path for f in q8.skipped] == ["README.md"]
+    assert [f.path for f in q8.added] == ["tiny_german.Q8_0.gguf"]
+    assert [f.path for f in q8.skipped] == ["README.md", "quality.png"]
     assert q8.ignored == ("extra.txt",) and not q8.removed
     assert f"{GGUF}@Q8_0: skip README.md (unchanged)" in plan.operations()
     assert not hub.requests("POST") and not hub.requests("PUT")
@@ -330,7 +341,8 @@ def test_private_repos_when_asked(hub: HubServer, tmp_path: Path) -> None:
 def test_hash_cache_is_keyed_by_path_size_and_mtime(hub: HubServer, tmp_path: Path) -> None:
     b = _built(tmp_path)
     first = _publish(b)
-    assert first.hashed_files == sum(len(r.files) for r in b.manifest.variants.values()) == 15  # each once
+    # each file once: 15 built files and the picture beside each of the 5 cards
+    assert first.hashed_files == sum(len(r.files) for r in b.manifest.variants.values()) + 5 == 20
     weights = b.folder("gguf-Q8_0") / "tiny_german.Q8_0.gguf"
     os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
     again = _publish(b)

@@ -3,6 +3,7 @@ few helpers that load a recipe or hold the output folder's lock."""
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -19,9 +20,17 @@ from ..errors import (BuildFailed, BusyError, CalibrationError, ClusterError, En
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Quantize and convert LLMs from one recipe into every format a publisher ships.")
-# Piped output (CI logs, files) gets wide tables instead of rich's 80-column default.
-out = Console(width=None if sys.stdout.isatty() else 160)
-err = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
+
+def _width(stream: Any) -> int | None:
+    """The terminal's width; COLUMNS when set; piped output (CI logs, files) gets 160 columns
+    instead of rich's 80-column default."""
+    if os.environ.get("COLUMNS", "").isdigit():
+        return int(os.environ["COLUMNS"])
+    return None if stream.isatty() else 160
+
+
+out = Console(width=_width(sys.stdout))
+err = Console(stderr=True, width=_width(sys.stderr))
 
 # Error type -> exit code; the first matching row wins, so subclasses come first.
 EXIT_CODES: list[tuple[type[QuantkitError], int]] = [
@@ -86,10 +95,10 @@ def locked(out_dir: Path, command: str) -> Iterator[None]:
 
 
 def load_plan(recipe: Path, out_dir: Path | None = None) -> Any:
-    from ..plan import make_plan
-    from ..recipe import load_recipe
+    """The recipe planned; every mistake in it at once (plan.load_plan)."""
+    from ..plan import load_plan as plan_file
 
-    return make_plan(load_recipe(recipe), out_dir)
+    return plan_file(recipe, out_dir)
 
 
 def size(n: float) -> str:
@@ -101,27 +110,15 @@ def size(n: float) -> str:
 
 
 def quiet_libraries() -> None:
-    """The engines log and draw their own bars; our progress display replaces them."""
-    import logging
+    """The engines draw their own progress bars (tqdm, huggingface_hub); ours replace them.
+    Everything else the libraries say goes to the build log (capture.py)."""
     import os
-    import warnings
 
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TQDM_DISABLE", "1")
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
-    warnings.filterwarnings("ignore", category=UserWarning)
-    try:
-        import torch  # noqa: F401 - torch sets its loggers' levels on import: quiet them after
-    except ImportError:
-        pass
-    for name in ("transformers", "tokenicer", "gptqmodel", "accelerate", "huggingface_hub", "torchao", "torch",
-                 "httpx", "httpx2"):  # GPTQModel's logging set-up turns on their request lines
-        logging.getLogger(name).setLevel(logging.ERROR)
     try:
         from transformers.utils import logging as tlog
 
-        tlog.set_verbosity_error()
         tlog.disable_progress_bar()
     except ImportError:
         pass

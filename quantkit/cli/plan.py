@@ -6,6 +6,7 @@ import json
 from typing import Annotated, Any
 
 import typer
+from rich import box
 from rich.markup import escape
 from rich.table import Table
 
@@ -32,6 +33,9 @@ def plan(recipe: RecipeArg,
         out.print(_repo_table(p, rp, repo, done))
     for name, line in _file_warnings(rp).items():
         err.print(f"[yellow]warning:[/yellow] {escape(name)}: {escape(line)}", highlight=False, soft_wrap=True)
+    if machine == "this":
+        for line in _slow_hints(p, rp):
+            out.print(f"[yellow]hint:[/yellow] {escape(line)}", highlight=False, soft_wrap=True)
     _print_build_estimate(rp, why)
 
 
@@ -45,17 +49,40 @@ def _as_json(p: Any, rp: Any) -> dict[str, Any]:
 
 
 def _repo_table(p: Any, rp: Any, repo: str, done: Any) -> Table:
-    t = Table(title=repo)
-    cols = ("variant", "branch", "other settings", "peak RAM", "GPU mem", "disk", "time", "files", "to run",
-            "quality gate")
-    for col in cols:
-        t.add_column(col, no_wrap=col not in ("other settings", "quality gate"), overflow="fold",
-                     justify="right" if col in cols[3:9] else "left")
-    for v in (v for v in p.variants if v.repo == repo):
+    """One row per variant, one line per row: what differs from the format's defaults, what
+    building it needs here, the memory to run it; the gate only when the recipe sets one."""
+    variants = [v for v in p.variants if v.repo == repo]
+    gated = any(p.recipe.publish.gate(v.format).limits for v in variants)
+    t = Table(title=repo, box=box.SIMPLE_HEAD, pad_edge=False)
+    cols = ["variant", "branch", "settings", "RAM", "GPU", "disk", "time", "files", "to run"]
+    for col in cols + (["quality gate"] if gated else []):
+        t.add_column(col, no_wrap=True, justify="right" if col in cols[3:] else "left")
+    for v in variants:
         e = rp.variants[v.name] if rp else None
-        t.add_row(v.name, v.branch, _other_settings(v), *_resource_cells(e), _files_cell(e),
-                  _run_cell(rp, v.name), _gate_cell(p, v, done))
+        t.add_row(v.name, _branch_cell(v), _settings(v), *_resource_cells(e), _files_cell(e),
+                  _run_cell(rp, v.name), *([_gate_cell(p, v, done)] if gated else []))
     return t
+
+
+DAY = 86_400
+
+
+def _slow_hints(p: Any, rp: Any) -> list[str]:
+    """One line per variant that would take more than a day here: where it is practical."""
+    from ..resources import MACHINES, plan_resources
+
+    slow = [v for v in p.variants if rp and rp.variants[v.name].seconds > DAY]
+    if not slow:
+        return []
+    gpu, name = plan_resources(p, MACHINES["h100"]), MACHINES["h100"].name
+    return [f"{v.name}: ~{duration(rp.variants[v.name].seconds)} here ({rp.machine.cores} cores); needs a "
+            f"GPU: ~{duration(gpu.variants[v.name].seconds)} on {name}" for v in slow] + \
+        ["quantkit plan --machine h100 shows the whole plan for that machine"]
+
+
+def _branch_cell(v: Any) -> str:
+    """The branch when it is not the variant's own name (main, a GGUF type, one the recipe set)."""
+    return "" if v.branch == v.name else v.branch
 
 
 def _manifest_if_built(p: Any) -> Any:
@@ -121,6 +148,8 @@ def _resource_cells(e: Any) -> tuple[str, ...]:
 
 
 def duration(s: float) -> str:
+    if s >= 10 * DAY:
+        return f"{s / DAY:.0f} days"
     return f"{s / 3600:.1f} h" if s >= 5400 else f"{s / 60:.0f} min" if s >= 90 else f"{s:.0f} s"
 
 
@@ -129,16 +158,20 @@ def _print_build_estimate(rp: Any, why: str) -> None:
         err.print(f"• resources: not estimated ({escape(why)})")
         return
     b, m = rp.build, rp.machine
+    out.print(f"model: {rp.shape.params / 1e9:.2f}B parameters, {size(rp.shape.bf16_bytes)} in bf16")
     out.print(f"build on {m.name} ({m.cores} cores, {m.ram / 1e9:.0f} GB RAM+swap"
               + (f", {m.gpu}" if m.gpu else "") + f"): peak RAM {size(b.ram)} ({b.stage}), "
               + (f"GPU memory {size(b.vram)}, " if b.vram else "") + f"disk {size(b.disk)}, "
-              f"time {duration(b.seconds)}; model {rp.shape.params / 1e9:.2f}B parameters, "
-              f"{size(rp.shape.bf16_bytes)} in bf16")
+              f"time {duration(b.seconds)}")
 
 
-def _other_settings(v: Any) -> str:
-    """The settings its name does not show already (the format's spec knows which it shows)."""
+def _settings(v: Any) -> str:
+    """The settings that differ from the format's defaults and that its name does not show
+    (`--json` lists every setting)."""
     from ..recipe import SPECS
 
-    items = v.params_dict().items()
-    return " ".join(f"{k}={val}" for k, val in items if k not in SPECS[v.format].name_keys and val is not None)
+    spec = SPECS[v.format]
+    fields = spec.params.model_fields
+    return " ".join(f"{k}={val}" for k, val in v.params_dict().items()
+                    if k not in spec.name_keys and val is not None
+                    and not (k in fields and not fields[k].is_required() and fields[k].default == val))

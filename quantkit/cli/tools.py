@@ -129,8 +129,7 @@ def toolchain(bindings: Annotated[bool, typer.Option(help="Also build the llama-
             rep(Progress("llama.cpp", task, done, total))
 
         report = run(lambda: llamacpp.build_toolchain(progress, bindings=bindings, install=install, jobs=jobs))
-    for step, state in report.steps.items():
-        out.print(f"{step:8} {state:9} {report.seconds[step]:7.1f} s")
-    out.print(f"tools: {report.tools}")
-    if report.wheel:
-        out.print(f"wheel: {report.wheel}")
+    steps = ", ".join(f"{step} {state} ({report.seconds[step]:.0f} s)" for step, state in report.steps.items())
+    out.print(f"• llama.cpp toolchain: {steps}", highlight=False)
+    out.print(f"• llama.cpp tools in {report.tools}" + (f"; bindings wheel {report.wheel}" if report.wheel else ""),
+              highlight=False, soft_wrap=True)

@@ -3,33 +3,62 @@ a Ray driver, one live table; and the summary table of a manifest."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, SpinnerColumn, Task, TaskID,
+                           TextColumn, TimeElapsedColumn)
 from rich.table import Table
+from rich.text import Text
 
 from .. import events as ev
 from .common import err, size
 
 
+class PlanETA(ProgressColumn):
+    """Time left: from the plan's estimate for the variant or step when there is one (the plan
+    knows a whole variant's build and scoring), else from the task's own rate."""
+
+    def render(self, task: Task) -> Text:
+        end = task.fields.get("plan_end")
+        if end is not None:
+            left = max(0.0, end - time.monotonic())
+            return Text(f"~{_short(left)} left (plan)" if left > 0 else "past the plan's estimate", style="dim")
+        if task.total and task.completed and task.time_remaining is not None:
+            return Text(f"~{_short(task.time_remaining)} left", style="dim")
+        return Text("")
+
+
+def _short(s: float) -> str:
+    return f"{s / 3600:.1f} h" if s >= 5400 else f"{s / 60:.0f} min" if s >= 90 else f"{s:.0f} s"
+
+
 class ProgressView:
-    """One bar per running task, a line per finished variant or step."""
+    """One bar per running variant or shared step (its current task, with an ETA), a line per
+    finished variant or step."""
 
     def __init__(self, progress: Progress):
         self.p = progress
-        self.tasks: dict[tuple[str, str], Any] = {}
+        self.bars: dict[str, TaskID] = {}
+        self.estimates: dict[str, float] = {}
 
     def __call__(self, e: ev.Event) -> None:
         match e:
+            case ev.Estimates(seconds=seconds):
+                self.estimates = dict(seconds)
             case ev.Stage(text=text):
+                self.p.console.print(f"[bold]•[/bold] {text}")
+            case ev.StepDone(key=key, text=text):
+                self._close(key)
                 self.p.console.print(f"[bold]•[/bold] {text}")
             case ev.Warn(message=message):
                 self.p.console.print(f"[yellow]warning:[/yellow] {escape(message)}", highlight=False)
             case ev.Started(variant=v, message=message):
                 self.p.console.print(f"[bold cyan]▶ {v}[/bold cyan] {message}")
+                self._bar(v)
             case ev.Progress():
                 self._task(e)
             case ev.Done(variant=v, message=message) | ev.Skipped(variant=v, message=message):
@@ -40,22 +69,29 @@ class ProgressView:
                 self._close(v)
                 self.p.console.print(f"[red]✗ {v}[/red] {escape(message)}", highlight=False)
 
-    def _task(self, e: ev.Progress) -> None:
-        key = (e.variant, e.task)
-        if key not in self.tasks:
-            self.tasks[key] = self.p.add_task(f"{e.variant} {e.task}", total=e.total)
-        self.p.update(self.tasks[key], completed=e.done, total=e.total)
+    def _bar(self, owner: str) -> TaskID:
+        if owner not in self.bars:
+            est = self.estimates.get(owner)
+            self.bars[owner] = self.p.add_task(owner, total=None,
+                                               plan_end=None if est is None else time.monotonic() + est)
+        return self.bars[owner]
 
-    def _close(self, variant: str) -> None:
-        for key in [k for k in self.tasks if k[0] == variant or "/" in k[0] or k[0] == "reference"]:
-            self.p.remove_task(self.tasks.pop(key))
+    def _task(self, e: ev.Progress) -> None:
+        self.p.update(self._bar(e.variant), description=f"{e.variant} {e.task}", completed=e.done, total=e.total)
+
+    def _close(self, owner: str) -> None:
+        if owner in self.bars:
+            self.p.remove_task(self.bars.pop(owner))
 
 
 @contextmanager
 def progress_view() -> Iterator[ProgressView]:
     cols = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-            TimeElapsedColumn())
-    with Progress(*cols, console=err, transient=True) as p:
+            TimeElapsedColumn(), PlanETA())
+    # No redirection of stdout/stderr: library output goes to the build log (capture.py), not
+    # through the live display onto the terminal.
+    with Progress(*cols, console=err, transient=True, redirect_stdout=False, redirect_stderr=False,
+                  disable=not err.is_terminal) as p:  # bars only on a terminal: a log gets the lines
         yield ProgressView(p)
 
 
@@ -67,10 +103,12 @@ class ClusterView:
         self.live: Any = None
 
     def __call__(self, e: ev.Event) -> None:
-        if isinstance(e, (ev.Stage, ev.Warn)):
-            line = f"[bold]•[/bold] {escape(e.text)}" if isinstance(e, ev.Stage) else \
-                f"[yellow]warning:[/yellow] {escape(e.message)}"
+        if isinstance(e, (ev.Stage, ev.StepDone, ev.Warn)):
+            line = f"[yellow]warning:[/yellow] {escape(e.message)}" if isinstance(e, ev.Warn) else \
+                f"[bold]•[/bold] {escape(e.text)}"
             self.live.console.print(line, highlight=False)
+            return
+        if isinstance(e, ev.Estimates):
             return
         row = self.rows.setdefault(e.variant, {"state": "", "node": "", "runs": "0", "step": "", "note": ""})
         match e:

@@ -101,7 +101,7 @@ def fabricate_files(v: Variant, folder: Path, *, weight_bytes: int, seed: int) -
 def record(v: Variant, folder: Path, *, state: str = "evaluated", seed: int = 0) -> VariantRecord:
     """A manifest entry with measured sizes and hashes, and fixture quality numbers."""
     rng = random.Random(f"q:{v.name}:{seed}")
-    files = tuple(f for f in file_entries(folder) if f.path != "README.md")  # engines write no card
+    files = tuple(f for f in file_entries(folder) if f.path not in ("README.md", "quality.png"))  # engines write neither
     delta = round(rng.uniform(0.5, 40.0), 2)
     return VariantRecord(format=v.format, branch=v.branch, repo=v.repo, state=State(state),
                          params=v.params_dict(), files=files, size_bytes=sum(f.size for f in files),

@@ -32,10 +32,11 @@ def run(cmd: Sequence[str | Path], *, env: dict[str, str] | None = None, cwd: Pa
                              text=True, errors="replace", env=env, cwd=cwd, preexec_fn=_die_with_parent)
     except OSError as e:
         raise EngineUnavailable("gguf", f"cannot run {cmd[0]}: {e.strerror}") from None
-    assert p.stdout is not None
-    for line in p.stdout:
-        lines.append(line.rstrip())
-    return Result(p.wait(), "\n".join(lines[-400:]))
+    with p:
+        assert p.stdout is not None
+        for line in p.stdout:
+            lines.append(line.rstrip())
+        return Result(p.wait(), "\n".join(lines[-400:]))
 
 
 def _libc_prctl() -> Any:
