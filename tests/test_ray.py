@@ -93,7 +93,8 @@ def _timeless(out: Path) -> dict:
     """manifest.json without what a second run measures differently: seconds, and the cards."""
     doc = json.loads((out / "manifest.json").read_text())
     for rec in doc["variants"].values():
-        rec.pop("seconds")
+        for measured in ("seconds", "task_seconds", "peak_ram"):
+            rec.pop(measured)
         rec["notes"].pop("quantize_seconds", None)
         rec["files"] = [f for f in rec["files"] if f["path"] != "README.md"]
     return doc
