@@ -221,7 +221,11 @@ def build_calibration(recipe: Recipe, tokenizer: Any) -> CalibrationSet:
     if espec.dataset is not None:
         eitems, _ = load_items(_resolve(recipe, espec.dataset), espec.split)
         evald = dedup_contexts(eitems)
-    contexts, eval_texts = split_contexts(dedup_contexts(items), evald)
+    every = dedup_contexts(items)
+    contexts, eval_texts = split_contexts(every, evald)
+    held = evald if evald is not None else every
+    eval_items = tuple((it.context, it.question, it.answer) for c in eval_texts for it in held.get(c, [])
+                       if it.question and it.answer)
     if not contexts:
         raise CalibrationError(label, "no calibration context left after holding out evaluation text")
     rng = random.Random(spec.seed)
@@ -232,7 +236,7 @@ def build_calibration(recipe: Recipe, tokenizer: Any) -> CalibrationSet:
     windows, used, available = _windows(texts, tokenizer, spec)
     return CalibrationSet(windows=windows, texts=tuple(texts[:used]), eval_texts=tuple(eval_texts),
                           sha256=_sha(windows), source=label, n_items=used,
-                          n_contexts=len(contexts), tokens_available=available)
+                          n_contexts=len(contexts), tokens_available=available, eval_items=eval_items)
 
 
 def _resolve(recipe: Recipe, dataset: str | None) -> str | None:

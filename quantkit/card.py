@@ -251,6 +251,7 @@ class CardContext:
     evaluation: Any  # the recipe's [evaluation] table
     ref_ppl: float | None
     quality_rows: list[dict[str, str]]
+    qa_items: int | None  # multiple-choice items behind the answer flips (None: not measured)
     build_rows: list[dict[str, Any]]
     compat_header: list[str]
     compat: list[tuple[str, list[str], str]]
@@ -292,9 +293,9 @@ def card_context(plan: Plan, manifest: Manifest, variant: str, *, owner: str | N
         other_branch=next((r.variant.branch for r in rows if not r.current), v.branch),
         calibration=_calibration(recipe, manifest), evaluation=recipe.evaluation,
         ref_ppl=next((r.quality.ref_ppl for r in rows if r.quality is not None), None),
-        quality_rows=[{"branch": r.variant.branch, "ppl": _quality(r, "ppl"),
-                       "delta": _quality(r, "delta_ppl_pct"), "kld": _quality(r, "kld"),
-                       "top1": _pct(r.quality)} for r in rows],
+        quality_rows=[{"branch": r.variant.branch, **{k: _quality(r, k) for k in formats.QUALITY_FORMAT}}
+                      for r in rows],
+        qa_items=next((r.quality.qa_items for r in rows if r.quality is not None and r.quality.qa_items), None),
         build_rows=[{"branch": r.variant.branch, "engine": r.record.engine or "n/a",
                      "version": r.record.engine_version or "n/a", "seconds": f"{r.record.seconds:.0f}",
                      "files": sum(f.path != README for f in r.record.files)} for r in rows],
@@ -317,10 +318,6 @@ def _siblings(plan: Plan, fmt: str, owner: str | None) -> list[dict[str, Any]]:
         out.append({"format": spec.repo_suffix, "repo": repo_for(plan.recipe, f, owner), "use": spec.use,
                     "this": f == fmt})
     return out
-
-
-def _pct(q: QualityRecord | None) -> str:
-    return "n/a" if q is None or q.top1 is None else f"{100 * q.top1:.1f} %"
 
 
 def _calibration(recipe: Recipe, manifest: Manifest) -> dict[str, Any]:

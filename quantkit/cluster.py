@@ -33,7 +33,7 @@ import numpy as np
 from . import pipeline
 from .errors import ClusterError, EngineError, QuantkitError
 from .events import Event, Failed, OnNode, Progress, Queued, Reporter, Stage, Warn, quiet
-from .evaluate import Reference
+from .evaluate import Baseline
 from .graph import Action, Task, decide
 from .manifest import Manifest, State, VariantRecord, save_manifest
 from .pipeline import Begun, BuildResult, LazyProducts, Outcome, Ran, TaskEnv
@@ -353,8 +353,8 @@ def _advance(drivers: list[_Driver], timeout: float) -> None:
 def _shareable(made: Any) -> Any:
     """The reference's memory-mapped log-probabilities as an array: the object store ships
     arrays without copies, a memmap only as a pickled copy per task."""
-    if isinstance(made, tuple) and len(made) == 2 and isinstance(made[1], Reference):
-        return made[0], replace(made[1], logprobs=np.asarray(made[1].logprobs))
+    if isinstance(made, Baseline):
+        return replace(made, reference=replace(made.reference, logprobs=np.asarray(made.reference.logprobs)))
     return made
 
 

@@ -1,8 +1,11 @@
-"""One evaluation protocol for every format: perplexity, KL divergence and top-1
-agreement against the unquantized model, on the same held-out German token chunks.
+"""One evaluation protocol for every format: perplexity, KL divergence (its mean and its tail)
+and top-1 agreement against the unquantized model, on the same held-out German token chunks.
 
-Chunks follow llama-perplexity: `ctx` tokens with BOS first, only the second half
-scored, so every scored token has at least ctx/2 tokens of context.
+Chunks follow llama-perplexity: `ctx` tokens with BOS first, only the second half scored, so
+every scored token has at least ctx/2 tokens of context. The tail metrics are llama-perplexity's
+`--kl-divergence` statistics from the same per-token values: median, 99 % and 99.9 % KLD; Δp, the
+variant's probability of the true next token minus the original's, as RMS and 1 % / 99 %
+percentiles; percentiles interpolated linearly, as llama.cpp and numpy do.
 """
 
 from __future__ import annotations
@@ -10,12 +13,14 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from . import answers
+from .answers import Flips, QASet
 from .errors import EvalError
 from .hfmodel import hf_logits
 from .records import LogitsFn
@@ -46,13 +51,44 @@ class Quality:
     ppl: float
     ref_ppl: float
     delta_ppl_pct: float
-    kld: float
-    top1: float  # share of scored tokens whose argmax equals the reference's
+    kld: float  # mean over the scored tokens
+    top1: float  # share of scored tokens whose argmax equals the reference's ("same top p")
     tokens: int
+    kld_median: float = 0.0
+    kld_p99: float = 0.0
+    kld_p999: float = 0.0
+    rms_dp: float = 0.0  # Δp = p_variant(true token) - p_reference(true token), as a fraction
+    dp_p01: float = 0.0  # 1 % percentile of Δp (the drops)
+    dp_p99: float = 0.0
+    qa: Flips | None = None  # answer flips on the held-out questions (None: not measured)
 
-    def as_dict(self) -> dict[str, float]:
-        return {"ppl": self.ppl, "ref_ppl": self.ref_ppl, "delta_ppl_pct": self.delta_ppl_pct,
-                "kld": self.kld, "top1": self.top1}
+    def as_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {k: getattr(self, k) for k in ("ppl", "ref_ppl", "delta_ppl_pct", "kld", "top1", "kld_median",
+                                           "kld_p99", "kld_p999", "rms_dp", "dp_p01", "dp_p99")}
+        if self.qa is not None:
+            d.update(qa_items=self.qa.items, qa_ref_acc=self.qa.ref_acc, qa_acc=self.qa.acc, qa_flips=self.qa.flips)
+        return d
+
+
+@dataclass(frozen=True, eq=False)
+class Baseline:
+    """What every variant is scored against: the held-out chunks with the original's
+    log-probabilities, and the multiple-choice items with the original's answer scores."""
+
+    eval_set: EvalSet
+    reference: Reference
+    qa: QASet | None = None
+    qa_scores: np.ndarray | None = None  # [items, choices] of the original
+
+
+def evaluate(base: Baseline, fn: LogitsFn, progress: ChunkProgress | None = None) -> Quality:
+    """Every metric of one variant through its logits function: the chunks, then the answers."""
+    q = score(base.eval_set, base.reference, fn, progress)
+    if base.qa is None or base.qa_scores is None or not len(base.qa):
+        return q
+    total = len(base.eval_set.chunks) + len(base.qa)
+    mine = answers.score(base.qa, fn, lambda d, t: progress(len(base.eval_set.chunks) + d, total) if progress else None)
+    return replace(q, qa=answers.compare(base.qa, base.qa_scores, mine))
 
 
 def make_eval_set(tokenizer: Any, texts: list[str] | tuple[str, ...], tokens: int, ctx: int) -> EvalSet:
@@ -150,20 +186,28 @@ def _ppl(es: EvalSet, lp: np.ndarray) -> float:
 
 
 def score(es: EvalSet, ref: Reference, fn: LogitsFn, progress: ChunkProgress | None = None) -> Quality:
-    """Perplexity, mean KL(reference || variant) and top-1 agreement over the scored tokens."""
-    nll = kld = agree = 0.0
+    """Perplexity, KL(reference || variant) per token (mean and tail), top-1 agreement and Δp
+    over the scored tokens, in one pass over each chunk's logits."""
+    nll, klds, dps, agree = 0.0, [], [], 0
     for i, logits in enumerate(chunk_rows(es, fn)):
-        q = _log_softmax(logits)
         p = np.asarray(ref.logprobs[i], dtype=np.float32)
-        vocab = min(p.shape[-1], q.shape[-1])  # GGUF vocabularies may be padded
-        p, q = p[:, :vocab], q[:, :vocab]
+        vocab = min(p.shape[-1], logits.shape[-1])  # GGUF vocabularies may be padded
+        q = _log_softmax(logits[:, :vocab])
+        p = p[:, :vocab]
         t = _targets(es, i)
-        nll -= float(q[np.arange(len(t)), t].astype(np.float64).sum())
-        kld += float((np.exp(p) * (p - q)).sum(dtype=np.float64))
-        agree += float((p.argmax(-1) == q.argmax(-1)).sum())
+        rows = np.arange(len(t))
+        q_true, p_true = q[rows, t], p[rows, t]
+        nll -= float(q_true.astype(np.float64).sum())
+        klds.append((np.exp(p) * (p - q)).sum(axis=-1, dtype=np.float64))
+        dps.append(np.exp(q_true.astype(np.float64)) - np.exp(p_true.astype(np.float64)))
+        agree += int((p.argmax(-1) == q.argmax(-1)).sum())
         if progress:
             progress(i + 1, len(es.chunks))
     n = es.n_scored
     ppl = math.exp(nll / n)
-    return Quality(ppl=ppl, ref_ppl=ref.ppl, delta_ppl_pct=100 * (ppl / ref.ppl - 1),
-                   kld=kld / n, top1=agree / n, tokens=n)
+    kld, dp = np.concatenate(klds), np.concatenate(dps)
+    k50, k99, k999 = np.percentile(kld, [50, 99, 99.9])
+    d01, d99 = np.percentile(dp, [1, 99])
+    return Quality(ppl=ppl, ref_ppl=ref.ppl, delta_ppl_pct=100 * (ppl / ref.ppl - 1), kld=float(kld.mean()),
+                   top1=agree / n, tokens=n, kld_median=float(k50), kld_p99=float(k99), kld_p999=float(k999),
+                   rms_dp=float(np.sqrt((dp * dp).mean())), dp_p01=float(d01), dp_p99=float(d99))

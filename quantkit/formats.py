@@ -133,7 +133,10 @@ def yes(v: bool | None) -> str:
     return {True: "Yes", False: "No", None: "Unknown"}[v]
 
 
-QUALITY_FORMAT = {"delta_ppl_pct": "+.2f", "kld": ".4f", "ppl": ".3f"}  # digits the card shows
+# Digits the card shows; Δp and the answers' shares are fractions shown as percent.
+QUALITY_FORMAT = {"delta_ppl_pct": "+.2f", "kld": ".4f", "ppl": ".3f", "kld_median": ".4f", "kld_p99": ".4f",
+                  "kld_p999": ".4f", "rms_dp": ".2%", "dp_p01": "+.2%", "dp_p99": "+.2%", "qa_ref_acc": ".1%",
+                  "qa_acc": ".1%", "qa_flips": ".1%", "top1": ".1%"}
 
 
 def quality_cell(q: QualityRecord | None, key: str) -> str:
@@ -158,7 +161,9 @@ DATASET = Column("Dataset", lambda r: r.dataset)
 SEQ_LEN = Column("Seq Len", lambda r: str(r.seq_len or "n/a"))
 SIZE = Column("Size", lambda r: human_size(files_size(r.record.files, r.record.size_bytes)))
 QUALITY = (Column("ΔPPL %", lambda r: quality_cell(r.quality, "delta_ppl_pct")),
-           Column("KLD", lambda r: quality_cell(r.quality, "kld")))
+           Column("KLD", lambda r: quality_cell(r.quality, "kld")),
+           # the tail: the KLD of the worst 0.1 % of tokens, where a quant breaks
+           Column("KLD p99.9", lambda r: quality_cell(r.quality, "kld_p999")))
 DESCRIPTION = Column("Description", lambda r: r.description)
 TOP1 = Column("Top-1", lambda r: "n/a" if r.quality is None or r.quality.top1 is None
               else f"{100 * r.quality.top1:.1f} %")

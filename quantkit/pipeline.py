@@ -21,11 +21,13 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from . import __version__
+import numpy as np
+
+from . import __version__, answers
 from .calibration import build_calibration, language_warning
 from .engines import ENGINES, Engine
 from .errors import EngineError, ManifestError, QuantkitError, ResourceError, SourceError, for_variant
-from .evaluate import EvalSet, Quality, Reference, compute_reference, make_eval_set, score, streamed_rows
+from .evaluate import Baseline, Quality, compute_reference, evaluate, make_eval_set, streamed_rows
 from .events import Done, Estimates, Failed, Progress, Reporter, Skipped, Stage, Started, StepDone, Warn, quiet
 from .graph import Action, BuildGraph, Freshness, Task, make_graph, unfinished
 from .manifest import Manifest, State, VariantRecord, load_manifest, save_manifest
@@ -192,20 +194,37 @@ TITLE = "reference logits (unquantized model)"
 
 
 def reference_step(inputs: Inputs, report: Reporter) -> SharedStep:
-    """The unquantized model's log-probabilities on the held-out chunks, cached in work_dir:
-    run where the build is driven (it needs the tokenizer), shared with every task by value."""
-    def run(ctx: BuildContext, deps: Products) -> tuple[EvalSet, Reference]:
+    """The unquantized model's log-probabilities on the held-out chunks and its answers to the
+    held-out questions, cached in work_dir: run where the build is driven (it needs the
+    tokenizer), shared with every task by value."""
+    def run(ctx: BuildContext, deps: Products) -> Baseline:
         spec = inputs.plan.recipe.evaluation
         es = make_eval_set(inputs.tokenizer, inputs.calib.eval_texts, spec.tokens, spec.ctx)
-        cache = ctx.work_dir / f"reference-{inputs.source.fingerprint[:12]}-{es.sha256[:12]}.npy"
+        stem = ctx.work_dir / f"reference-{inputs.source.fingerprint[:12]}"
         # The unquantized model one block at a time: float32 on the CPU, bf16 on a GPU.
         dtype = "bfloat16" if inputs.device == "cuda" else "float32"
         rows = streamed_rows(es, inputs.source.path, dtype=dtype, device=inputs.device)
-        ref = compute_reference(es, rows, cache, lambda d, t: report(Progress(REFERENCE, TITLE, d, t)))
+        ref = compute_reference(es, rows, Path(f"{stem}-{es.sha256[:12]}.npy"),
+                                lambda d, t: report(Progress(REFERENCE, TITLE, d, t)))
+        qa = answers.make_items(inputs.tokenizer, inputs.calib.eval_items, spec.qa_items,
+                                inputs.plan.recipe.calibration.seed) if spec.qa_items else None
+        qa_scores = _qa_reference(qa, Path(f"{stem}-qa-{qa.sha256[:12]}.npy"), inputs, dtype, report) if qa else None
         give_back_memory()
-        return es, ref
+        return Baseline(es, ref, qa, qa_scores)
 
     return SharedStep(REFERENCE, TITLE, run, local=True)
+
+
+def _qa_reference(qa: answers.QASet, cache: Path, inputs: Inputs, dtype: str, report: Reporter) -> np.ndarray:
+    """The original model's answer scores, computed once per (source, items)."""
+    if cache.is_file():
+        return np.load(cache)
+    report(Progress(REFERENCE, "answers of the original model", 0, len(qa)))
+    got = answers.reference_scores(qa, inputs.source.path, dtype=dtype, device=inputs.device)
+    report(Progress(REFERENCE, "answers of the original model", len(qa), len(qa)))
+    np.save(cache.with_suffix(".partial.npy"), got)
+    cache.with_suffix(".partial.npy").replace(cache)
+    return got
 
 
 def recipe_sha256(recipe: Recipe) -> str:
@@ -406,8 +425,7 @@ def _run(task: Task, env: TaskEnv, m: Manifest, products: Products, report: Repo
         m = m.with_variant(v.name, rec)
         save(m, v.name)
     assert rec is not None
-    es, ref = product(products, REFERENCE, v)
-    q = _evaluate(v, env, engine, es, ref, report)
+    q = _evaluate(v, env, engine, product(products, REFERENCE, v), report)
     state = rec.state if task.action == Action.RESCORE and rec.at_least(State.EVALUATED) else State.EVALUATED
     m = m.with_variant(v.name, rec.moved_to(state, quality=_rounded(q), error=None))
     save(m, v.name)
@@ -484,18 +502,18 @@ def _build_files(v: Variant[Any], env: TaskEnv, engine: Engine[Any], inputs: Pro
     return Artifact(out, files, bits_per_weight(files, env.source.n_params), seconds, result)
 
 
-def _evaluate(v: Variant[Any], env: TaskEnv, engine: Engine[Any], es: EvalSet, ref: Reference,
-              report: Reporter) -> Quality:
-    report(Progress(v.name, "evaluate", 0, len(es.chunks)))
+def _evaluate(v: Variant[Any], env: TaskEnv, engine: Engine[Any], base: Baseline, report: Reporter) -> Quality:
+    report(Progress(v.name, "evaluate", 0, len(base.eval_set.chunks)))
     try:
         with engine.open_model(env.plan.variant_dir(v), env.context(v.name, report)) as fn:
-            return score(es, ref, fn, lambda d, t: report(Progress(v.name, "evaluate", d, t)))
+            return evaluate(base, fn, lambda d, t: report(Progress(v.name, "evaluate", d, t)))
     finally:
         give_back_memory()
 
 
 def _rounded(q: Quality) -> QualityRecord:
-    return QualityRecord(**{k: round(val, 6) for k, val in q.as_dict().items()})
+    got: dict[str, Any] = {k: round(val, 6) if isinstance(val, float) else val for k, val in q.as_dict().items()}
+    return QualityRecord(**got)
 
 
 # ---------------------------------------------------------------- the local executor

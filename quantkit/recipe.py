@@ -91,6 +91,8 @@ class EvaluationSpec(_Frozen):
     split: str = "test"
     tokens: int = Field(16384, ge=64)
     ctx: int = Field(512, ge=16)
+    # Multiple-choice items from the held-out questions, for answer flips (0: not measured).
+    qa_items: int = Field(200, ge=0, le=10_000)
 
 
 class BuildSpec(_Frozen):
@@ -102,6 +104,7 @@ class GateSpec(_Frozen):
 
     max_kld: float | None = Field(None, gt=0)
     max_delta_ppl_pct: float | None = Field(None, gt=0)
+    max_kld_p999: float | None = Field(None, gt=0)  # the 99.9 % percentile of per-token KLD: the tail
 
     def failures(self, q: QualityRecord | None) -> list[str]:
         """Why a variant measuring `q` may not be published; empty when it passes.
@@ -109,19 +112,29 @@ class GateSpec(_Frozen):
         if q is None:
             return ["never evaluated"]
         out = []
-        if self.max_kld is not None and q.kld > self.max_kld:
-            out.append(f"KLD {q.kld:.4f} over the limit {self.max_kld:g} (max_kld)")
-        if self.max_delta_ppl_pct is not None and q.delta_ppl_pct > self.max_delta_ppl_pct:
-            out.append(f"ΔPPL {q.delta_ppl_pct:+.2f} % over the limit {self.max_delta_ppl_pct:g} % "
-                       "(max_delta_ppl_pct)")
+        for key, attr, label, fmt, unit in GATES:
+            limit, got = getattr(self, key), getattr(q, attr)
+            if limit is None:
+                continue
+            if got is None:  # a manifest from before this was measured
+                out.append(f"{label} not measured ({key}): run `quantkit eval` first")
+            elif got > limit:
+                out.append(f"{label} {got:{fmt}}{unit} over the limit {limit:g}{unit} ({key})")
         return out
 
     @property
     def limits(self) -> str:
         """The limits in words ("KLD ≤ 0.1, ΔPPL ≤ 20 %"), or "" without any."""
-        parts = ([f"KLD ≤ {self.max_kld:g}"] if self.max_kld is not None else []) + \
-            ([f"ΔPPL ≤ {self.max_delta_ppl_pct:g} %"] if self.max_delta_ppl_pct is not None else [])
-        return ", ".join(parts)
+        return ", ".join(f"{label} ≤ {getattr(self, key):g}{unit}" for key, _, label, _, unit in GATES
+                         if getattr(self, key) is not None)
+
+
+# The gate's limits: (setting, QualityRecord field, name in messages, format, unit).
+GATES = (
+    ("max_kld", "kld", "KLD", ".4f", ""),
+    ("max_delta_ppl_pct", "delta_ppl_pct", "ΔPPL", "+.2f", " %"),
+    ("max_kld_p999", "kld_p999", "KLD p99.9", ".4f", ""),
+)
 
 
 class PublishSpec(GateSpec):
@@ -146,9 +159,8 @@ class PublishSpec(GateSpec):
     def gate(self, fmt: str) -> GateSpec:
         """The limits for one format's variants: its own table's, else the global ones."""
         own = self.formats.get(fmt, GateSpec())
-        return GateSpec(max_kld=own.max_kld if own.max_kld is not None else self.max_kld,
-                        max_delta_ppl_pct=own.max_delta_ppl_pct if own.max_delta_ppl_pct is not None
-                        else self.max_delta_ppl_pct)
+        return GateSpec(**{key: getattr(own, key) if getattr(own, key) is not None else getattr(self, key)
+                           for key, *_ in GATES})
 
 
 # ---------------------------------------------------------------- per-format parameters

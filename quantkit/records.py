@@ -72,6 +72,8 @@ class CalibrationSet:
     n_items: int  # formatted items used
     n_contexts: int  # distinct contexts available for calibration
     tokens_available: int  # tokens in all formatted items (before cutting windows)
+    # The held-out contexts' questions: (context, question, answer), for the answer-flip items.
+    eval_items: tuple[tuple[str, str, str], ...] = ()
 
     def examples(self) -> list[dict[str, list[int]]]:
         """Windows as GPTQModel's calibration examples."""
@@ -150,13 +152,24 @@ class _Record:
 
 @dataclass(frozen=True)
 class QualityRecord(_Record):
-    """A variant's measured quality against the unquantized model (quantkit.evaluate)."""
+    """A variant's measured quality against the unquantized model (quantkit.evaluate). The tail
+    and answer fields are None in manifests written before they were measured."""
 
     ppl: float
     ref_ppl: float
     delta_ppl_pct: float
     kld: float
     top1: float
+    kld_median: float | None = None
+    kld_p99: float | None = None
+    kld_p999: float | None = None
+    rms_dp: float | None = None  # root mean square of Δp (a fraction: 0.05 is 5 points)
+    dp_p01: float | None = None
+    dp_p99: float | None = None
+    qa_items: int | None = None  # multiple-choice items scored (0 or None: answer flips not measured)
+    qa_ref_acc: float | None = None  # the original model's accuracy on them
+    qa_acc: float | None = None
+    qa_flips: float | None = None  # share of items whose chosen answer differs from the original's
 
 
 @dataclass(frozen=True)

@@ -55,13 +55,26 @@ def _repo_table(p: Any, rp: Any, repo: str, done: Any) -> Table:
     gated = any(p.recipe.publish.gate(v.format).limits for v in variants)
     t = Table(title=repo, box=box.SIMPLE_HEAD, pad_edge=False)
     cols = ["variant", "branch", "settings", "RAM", "GPU", "disk", "time", "files", "to run"]
-    for col in cols + (["quality gate"] if gated else []):
+    extra = (["measured (KLD / p99.9 / flips)"] if done is not None else []) + (["quality gate"] if gated else [])
+    for col in cols + extra:
         t.add_column(col, no_wrap=True, justify="right" if col in cols[3:] else "left")
     for v in variants:
         e = rp.variants[v.name] if rp else None
-        t.add_row(v.name, _branch_cell(v), _settings(v), *_resource_cells(e), _files_cell(e),
-                  _run_cell(rp, v.name), *([_gate_cell(p, v, done)] if gated else []))
+        t.add_row(v.name, _branch_cell(v), _settings(v), *_resource_cells(e), _files_cell(e), _run_cell(rp, v.name),
+                  *([_measured_cell(v, done)] if done is not None else []),
+                  *([_gate_cell(p, v, done)] if gated else []))
     return t
+
+
+def _measured_cell(v: Any, manifest: Any) -> str:
+    """After a build: the quality the variant measured (its tail and answer flips too)."""
+    rec = manifest.variants.get(v.name)
+    q = rec.quality if rec is not None else None
+    if q is None:
+        return "-"
+    tail = f"{q.kld_p999:.4f}" if q.kld_p999 is not None else "n/a"
+    flips = f"{q.qa_flips:.1%}" if q.qa_flips is not None else "n/a"
+    return f"{q.kld:.4f} / {tail} / {flips}"
 
 
 DAY = 86_400

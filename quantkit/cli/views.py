@@ -143,7 +143,7 @@ def summary(manifest: Any, plan: Any, names: list[str] | None = None) -> Table:
     from ..manifest import State
 
     t = Table(title="variants")
-    for col in ("variant", "branch", "state", "size", "bpw", "ΔPPL %", "KLD", "top-1", "seconds"):
+    for col in ("variant", "branch", "state", "size", "bpw", "ΔPPL %", "KLD", "p99.9", "top-1", "flips", "seconds"):
         t.add_column(col, justify="right" if col not in ("variant", "branch", "state") else "left",
                      no_wrap=True)
     for name, r in manifest.variants.items():
@@ -155,5 +155,7 @@ def summary(manifest: Any, plan: Any, names: list[str] | None = None) -> Table:
             str(r.state) + (" [red](gated)[/red]" if gated else "")
         t.add_row(name, r.branch, state, size(r.size_bytes), f"{r.bits_per_weight:.2f}",
                   f"{q.delta_ppl_pct:+.2f}" if q else "-", f"{q.kld:.4f}" if q else "-",
-                  f"{q.top1:.3f}" if q else "-", f"{r.seconds:.0f}")
+                  f"{q.kld_p999:.4f}" if q and q.kld_p999 is not None else "-",
+                  f"{q.top1:.3f}" if q else "-", f"{q.qa_flips:.1%}" if q and q.qa_flips is not None else "-",
+                  f"{r.seconds:.0f}")
     return t
