@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from .records import LogitsFn
+from .streaming import GROUP_TOKENS  # the reference's own group size: its memory bound holds here too
 
 CHOICES = 4
 PROMPT = "{paragraph}\n\nFrage: {question}\nAntwort:"  # the choice follows after a space
@@ -163,7 +164,7 @@ def score(qa: QASet, fn: LogitsFn, progress: Callable[[int, int], None] | None =
 
 
 def reference_scores(qa: QASet, path: Path, *, dtype: str = "float32", device: str = "cpu",
-                     group_tokens: int = 4096) -> np.ndarray:
+                     group_tokens: int = GROUP_TOKENS) -> np.ndarray:
     """The same scores from the unquantized checkpoint, one block of weights in memory at a time:
     sequences right-padded into groups (a causal model's logits before the padding are those of
     the sequence alone)."""
@@ -177,9 +178,12 @@ def reference_scores(qa: QASet, path: Path, *, dtype: str = "float32", device: s
         ids = np.zeros((len(group), width), dtype=np.int64)
         for k, (_, _, s) in enumerate(group):
             ids[k, :len(s)] = s
-        for (i, j, s), logits in zip(group, streamed_logits(path, ids, width, dtype=dtype, device=device,
+        # only the positions that predict an answer token: the logits of a whole group over the
+        # vocabulary would be the largest thing in memory at 7B widths
+        first = min(len(qa.prompts[i]) for i, _, _ in group) - 1
+        for (i, j, s), logits in zip(group, streamed_logits(path, ids, width - first, dtype=dtype, device=device,
                                                           group_tokens=len(group) * width)):
-            out[i, j] = _continuation_ll(logits, len(qa.prompts[i]), qa.choices[i][j]) / max(qa.chars[i][j], 1)
+            out[i, j] = _continuation_ll(logits, len(qa.prompts[i]) - first, qa.choices[i][j]) / max(qa.chars[i][j], 1)
     return out
 
 

@@ -83,10 +83,11 @@ def local_cluster(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 
 
 def _weights(out: Path) -> dict[str, str]:
-    """sha256 of every file but the cards (they hold measured seconds) and the manifest."""
+    """sha256 of every file but those that hold measured seconds (the cards, report.html,
+    build.log) and the manifest."""
     return {p.relative_to(out).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(out.rglob("*")) if p.is_file() and ".work" not in p.parts
-            and p.name not in ("README.md", "manifest.json")}
+            and p.name not in ("README.md", "manifest.json", "report.html", "build.log")}
 
 
 def _timeless(out: Path) -> dict:

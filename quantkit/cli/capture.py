@@ -18,9 +18,13 @@ from pathlib import Path
 from typing import IO, Any
 
 from .. import events as ev
+from ..errors import BusyError, CalibrationError, ManifestError, RecipeError, ResourceError, SourceError
 from .common import err, out
 
 LOG_NAME = "build.log"
+# Errors that refuse a run before it changes anything (bad recipe, data, source or manifest; a
+# machine too small; a busy folder): a log this run started is removed with them.
+REFUSALS = (RecipeError, CalibrationError, SourceError, ResourceError, ManifestError, BusyError)
 
 
 class BuildLog:
@@ -132,6 +136,7 @@ def logged(out_dir: Path, what: str, verbose: bool = False) -> Iterator[BuildLog
     """`<out>/build.log` opened for this run (a header line says which), libraries captured."""
     from .. import __version__
 
+    new = not (out_dir / LOG_NAME).exists()
     log = BuildLog(out_dir / LOG_NAME)
     log.line(f"=== quantkit {__version__}: {what} (pid {os.getpid()})")
     try:
@@ -139,6 +144,9 @@ def logged(out_dir: Path, what: str, verbose: bool = False) -> Iterator[BuildLog
             yield log
     except BaseException as e:
         log.line(f"ended by {type(e).__name__}: {e}")
+        log.close()
+        if new and isinstance(e, REFUSALS):  # bad input writes nothing: its one line says it all
+            log.path.unlink(missing_ok=True)
         raise
     finally:
         log.close()

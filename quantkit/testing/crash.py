@@ -60,7 +60,7 @@ quant = ["Q4_K_M", "Q8_0"]
 _SECONDS = (re.compile(r"^(\| [^|]+ \| [^|]+ \| [^|]+ \| )\d+( \| \d+ \|)$", re.M),
             re.compile(r"(quantize_seconds: )[0-9.]+()"))
 # Manifest fields that are measured times, not results.
-_TIMES = ("seconds",)
+_TIMES = ("seconds", "task_seconds", "peak_ram")  # measured, not results
 _NOTE_TIMES = ("quantize_seconds",)
 
 
