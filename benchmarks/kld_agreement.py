@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from quantkit.testing import smollm2, table
+from quantkit.testing.engine_bench import plan_baseline, score_folder
 
 TYPES = ["Q8_0", "Q4_K_M", "Q3_K_M", "Q2_K"]
 
@@ -56,29 +57,8 @@ def build(out: Path, types: list[str], chunks: int, ctx: int) -> Any:
     return plan
 
 
-def baseline(plan: Any) -> tuple[Any, Any, str]:
-    """The build's own Baseline (cached in .work), an engine context, and the held-out text."""
-    from quantkit import pipeline
-    from quantkit.events import quiet
-
-    inputs = pipeline.prepare(plan)
-    ctx = inputs.env().context("reference", quiet)
-    return pipeline.reference_step(inputs, quiet).run(ctx, {}), ctx, "\n\n".join(inputs.calib.eval_texts)
-
-
 def folder_of(plan: Any, quant: str) -> Path:
     return plan.variant_dir(next(v for v in plan.variants if v.name == f"gguf-{quant}"))
-
-
-def ours(folder: Path, base: Any, ctx: Any, ref: Any) -> tuple[Any, float]:
-    """(Quality, seconds) of quantkit's scorer on one variant: load, logits, every metric."""
-    from quantkit.engines import ENGINES
-    from quantkit.evaluate import score
-
-    t0 = time.perf_counter()
-    with ENGINES["gguf"].open_model(folder, ctx) as fn:
-        q = score(base.eval_set, ref, fn)
-    return q, time.perf_counter() - t0
 
 
 def gguf_base(folder: Path, base: Any, ctx: Any, cache: Path) -> Any:
@@ -119,7 +99,7 @@ def main() -> None:
     from quantkit.engines.gguf import first_shard
 
     plan = build(args.out, args.types, args.chunks, args.ctx)
-    base, ctx, text = baseline(plan)
+    base, ctx, text = plan_baseline(plan)
     (args.out / "eval.txt").write_text(text, encoding="utf-8")
     tool = toolchain.find_toolchain().perplexity
     bf16 = folder_of(plan, "BF16")
@@ -130,8 +110,8 @@ def main() -> None:
     rows = []
     for quant in ["BF16", *args.types]:
         folder = folder_of(plan, quant)
-        q, t_ours = ours(folder, base, ctx, base.reference)
-        g, _ = ours(folder, base, ctx, against)
+        q, t_ours = score_folder("gguf", folder, base, ctx)
+        g, _ = score_folder("gguf", folder, base, ctx, against)
         lc, t_lc = llama(tool, folder / first_shard(p.name for p in folder.iterdir()), args.out / "eval.txt",
                          kld_file, args.ctx, args.chunks, base=False)
         rows.append([quant, f"{q.kld:.5f}", f"{g.kld:.5f}", f"{lc.get('Mean', float('nan')):.5f}",

@@ -20,6 +20,7 @@ class StepDone:
 
     key: str
     text: str
+    seconds: float = 0.0  # wall time of the step (what benchmarks compare)
 
 
 @dataclass(frozen=True)

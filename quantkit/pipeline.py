@@ -552,9 +552,11 @@ class LazyProducts(Mapping[str, Any]):
         try:
             made = step.run(self.env.context(step.key, self.report), deps)
         except Exception as e:  # noqa: BLE001 - every task that needs it fails with it, under its own name
-            self.report(StepDone(step.key, f"{label}: failed after {time.perf_counter() - t0:.0f} s"))
+            took = time.perf_counter() - t0
+            self.report(StepDone(step.key, f"{label}: failed after {took:.0f} s", took))
             return StepFailed(step.key, e)
-        self.report(StepDone(step.key, f"{label} ({time.perf_counter() - t0:.0f} s)"))
+        took = time.perf_counter() - t0
+        self.report(StepDone(step.key, f"{label} ({took:.0f} s)", took))
         return made
 
     def __iter__(self) -> Iterator[str]:

@@ -369,9 +369,9 @@ def _expand_one(i: int, entry: dict[str, Any], defaults: dict[str, Any],
     model = PARAMS[fmt]
     body = {k: v for k, v in entry.items() if k not in ("format", "branch")}
     for key in [*defaults, *body]:
-        if key not in model.model_fields:
+        if key not in model.recipe_keys():
             src = f"{SPECS[fmt].defaults_table}.{key}" if key in defaults and key not in body else f"{where}.{key}"
-            problems.append(Problem(src, f"unknown key for {fmt} (known: {', '.join(model.model_fields)})"))
+            problems.append(Problem(src, f"unknown key for {fmt} (known: {', '.join(model.recipe_keys())})"))
     if problems:
         return []
     merged = {**defaults, **body}

@@ -7,7 +7,7 @@ engines below the stages can name the type without a cycle (DESIGN §2).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 from pydantic import BaseModel, ConfigDict
 
@@ -16,6 +16,12 @@ class ParamsModel(BaseModel):
     """Base of every format's settings model: frozen, and an unknown key is an error."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+    # Recipe keys a "before" validator turns into fields (a name that reads better in one case).
+    recipe_aliases: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def recipe_keys(cls) -> list[str]:
+        return [*cls.model_fields, *cls.recipe_aliases]
 
 
 P = TypeVar("P", bound=ParamsModel, covariant=True)

@@ -365,3 +365,29 @@ def test_smollm2_f16_matches_hf_and_imatrix_helps(smollm2_2l, tmp_path, toolchai
     p = _log_softmax(ref)
     kld = {k: float((np.exp(p) * (p - _log_softmax(q))).sum(-1).mean()) for k, q in out.items()}
     assert kld["gguf-Q2_K"] < kld["gguf-Q2_K-noimatrix"]
+
+
+def test_answers_sharing_a_question_reuse_its_evaluation(tiny, toolchain, bindings):
+    """The four answers of a QA item share context and question: the runner evaluates that start
+    once (KV cache kept) and gives the logits a fresh evaluation gives; a start shorter than
+    REUSE_MIN is evaluated again."""
+    ctx, _, _, out = tiny
+    eng = gguf_engine.GGUFEngine()
+    made = run_steps(eng, [variant("Q8_0")], ctx)
+    build(eng, variant("Q8_0"), ctx, out / "reuse", made)
+    path = out / "reuse" / "tiny-llama.Q8_0.gguf"
+    rng = np.random.default_rng(3)
+    start = rng.integers(3, 200, 60)
+    a, b = (np.concatenate([start, rng.integers(3, 200, k)]) for k in (7, 11))
+    warm, cold = gguf_engine.LlamaRunner(path), gguf_engine.LlamaRunner(path)
+    try:
+        warm(a)
+        assert warm._shared([int(t) for t in b]) == 60
+        got = warm(b)
+        assert warm.llm.n_tokens == len(b)
+        want = cold(b)
+        assert np.allclose(got, want, atol=1e-3), float(np.abs(got - want).max())
+        assert cold._shared([int(t) for t in a[:20]] + [1]) == 0  # 20 shared tokens: below REUSE_MIN
+    finally:
+        warm.close()
+        cold.close()

@@ -18,7 +18,7 @@ Only `models` and `tables` are imported here: both need nothing beyond the stand
 until called, so `import quantkit.testing` never loads huggingface_hub or torch.
 """
 
-from quantkit.testing.models import CACHE, smollm2
+from quantkit.testing.models import CACHE, degridded_smollm2, smollm2
 from quantkit.testing.tables import packed_sha, table
 
-__all__ = ["CACHE", "packed_sha", "smollm2", "table"]
+__all__ = ["CACHE", "degridded_smollm2", "packed_sha", "smollm2", "table"]

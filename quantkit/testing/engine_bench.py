@@ -82,3 +82,26 @@ def build(engine: Any, variant: Variant, bench: Bench, out: Path) -> dict[str, A
     out.mkdir(parents=True)
     bench.events.clear()
     return engine.build(variant, bench.context(), out, {}).note_dict()  # the manifest's notes
+
+
+def plan_baseline(plan: Any) -> tuple[Any, BuildContext, str]:
+    """A built plan's own Baseline (the reference cached in its .work), an engine context, and
+    the held-out text it scores."""
+    from quantkit import pipeline
+    from quantkit.events import quiet
+
+    inputs = pipeline.prepare(plan)
+    ctx = inputs.env().context("reference", quiet)
+    return pipeline.reference_step(inputs, quiet).run(ctx, {}), ctx, "\n\n".join(inputs.calib.eval_texts)
+
+
+def score_folder(fmt: str, folder: Path, base: Any, ctx: BuildContext,
+                 ref: Reference | None = None) -> tuple[Quality, float]:
+    """(Quality, seconds) of quantkit's scorer on a folder of `fmt`, loaded as users load it,
+    against `ref` (default: the baseline's reference)."""
+    from quantkit.engines import ENGINES
+
+    t0 = time.perf_counter()
+    with ENGINES[fmt].open_model(folder, ctx) as fn:
+        q = score(base.eval_set, ref or base.reference, fn)
+    return q, time.perf_counter() - t0

@@ -12,6 +12,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable
+from typing import Any
 from pathlib import Path
 
 import quantkit
@@ -93,3 +94,41 @@ def build_tiny_llama(out: Path) -> None:
 
 def tiny_llama() -> Path:
     return cached("tiny-llama-v1", build_tiny_llama)
+
+
+def degrid(weights: Any, seed: int, block: int = 32) -> Any:
+    """A weight matrix moved off the Q4_1 grid it was rebuilt from: per block of `block` along a
+    row, seeded uniform noise of up to half that block's Q4_1 step ((max − min) / 15) each way."""
+    import torch
+
+    w = weights.float()
+    rows, cols = w.shape
+    blocks = w.reshape(rows, cols // block, block)
+    step = (blocks.amax(-1, keepdim=True) - blocks.amin(-1, keepdim=True)) / 15
+    gen = torch.Generator().manual_seed(seed)
+    noise = (torch.rand(blocks.shape, generator=gen) - 0.5) * step
+    return (blocks + noise).reshape(rows, cols)
+
+
+def build_degridded_smollm2(out: Path, layers: int | None = None) -> None:
+    """SmolLM2-135M with every 2-D weight off its Q4_1 grid (DESIGN §4): block-32 4-bit types then
+    get no unearned advantage, so method and mix comparisons on it are fair. Seeded."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    src = smollm2(layers)
+    for f in src.iterdir():
+        if f.is_file() and f.suffix != ".safetensors":
+            shutil.copy2(f, out / f.name)
+    state = load_file(str(src / "model.safetensors"))
+    out_state = {k: (degrid(v, seed=i).to(torch.bfloat16) if v.ndim == 2 and v.shape[1] % 32 == 0 else v)
+                 for i, (k, v) in enumerate(sorted(state.items()))}
+    save_file(out_state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / "README.md").write_text("SmolLM2-135M-Instruct moved off its Q4_1 grid with seeded noise of half a "
+                                   "Q4_1 step per weight (quantkit.testing.models.degrid).\n", encoding="utf-8")
+
+
+def degridded_smollm2(layers: int | None = None) -> Path:
+    """The de-gridded SmolLM2 (see build_degridded_smollm2), cached like the others."""
+    name = "smollm2-135m-instruct-degridded-v1" if layers is None else f"smollm2-135m-instruct-{layers}l-degridded-v1"
+    return cached(name, lambda out: build_degridded_smollm2(out, layers))

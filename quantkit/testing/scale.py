@@ -25,11 +25,14 @@ from quantkit.testing.models import CACHE, smollm2
 
 GB = 1e9
 HIDDEN, INTERMEDIATE, HEADS, VOCAB = 4096, 11008, 32, 49152
-STAGES = ("source", "calibration", "convert", "imatrix", "quantize", "reference", "reload and score",
+STAGES = ("source", "calibration", "convert", "imatrix", "tuned mix", "quantize", "reference", "reload and score",
           "card")
 RECIPES = {
     "gguf": ('[[variants]]\nformat = "gguf"\nquant = ["Q4_K_M", "Q8_0"]\nimatrix = true\n'),
     "gptq": ('[[variants]]\nformat = "gptq"\nbits = 4\ngroup_size = 128\nact_order = true\n'),
+    # a stock Q4_K_M and a tuned mix of its size: the sensitivity step and the allocation ("tuned mix")
+    "tuned": ('[[variants]]\nformat = "gguf"\nquant = "Q4_K_M"\n'
+              '[[variants]]\nformat = "gguf"\nmix = "tuned"\ntarget = "Q4_K_M"\n'),
 }
 
 
@@ -102,9 +105,11 @@ def weight_bytes(model: Path) -> int:
 
 
 def recipe_text(model: Path, path: str) -> str:
+    # 16 QA items (64 answer sequences, several groups of the streamed reference pass) walk the
+    # answers' memory path; the default 200 adds minutes of the same work, not memory.
     return (f'[model]\nsource = "{model}"\nname = "rand7b"\n'
             f'[calibration]\nsamples = 8\nseq_len = 512\n'
-            f'[evaluation]\ntokens = 1024\nctx = 512\n'
+            f'[evaluation]\ntokens = 1024\nctx = 512\nqa_items = 16\n'
             f'[publish]\nowner = "bench"\n' + RECIPES[path])
 
 
@@ -125,6 +130,10 @@ def _stage_of(ev: Any) -> str | None:
         return "convert"
     if t.startswith("importance"):
         return "imatrix"
+    if t.startswith(("reference", "answers of the original")):
+        return "reference"
+    if t.startswith(("tensor sensitivity", "allocate")):
+        return "tuned mix"
     if t.startswith(("quantize", "load source", "save")):
         return "quantize"
     if t == "evaluate":

@@ -4,7 +4,7 @@ reading files back (header), running the tools (tools), splitting (split), resou
 
 from __future__ import annotations
 
-from .engine import BASE, IMATRIX, Built, GGUFEngine, LlamaRunner, base_type, quantize
+from .engine import BASE, IMATRIX, SENSITIVITY, Built, GGUFEngine, LlamaRunner, base_type, quantize
 from .estimate import expected_bytes, imatrix_ctx, llama_cpp_overhead, output_files
 from .files import (file_name, first_shard, hub_quant_label, imatrix_file, include_pattern, missing_shards,
                     model_name, shard_name, shards)
@@ -14,7 +14,7 @@ from .spec import SPEC
 from .split import check_shards, split_budget, split_file
 from .tools import llama_threads
 
-__all__ = ["BASE", "IMATRIX", "Built", "GGUFEngine", "LlamaRunner", "base_type", "quantize", "expected_bytes",
+__all__ = ["BASE", "IMATRIX", "SENSITIVITY", "Built", "GGUFEngine", "LlamaRunner", "base_type", "quantize", "expected_bytes",
            "imatrix_ctx", "llama_cpp_overhead", "output_files", "file_name", "first_shard", "hub_quant_label",
            "imatrix_file", "include_pattern", "missing_shards", "model_name", "shard_name", "shards", "check",
            "file_type_of", "imatrix_info", "read_back", "read_header", "FLOAT_TYPES", "GGUF_TYPES",

@@ -33,16 +33,19 @@ from ...steps import Products, SharedStep, TaskResources
 from ...variant import Variant
 from ..base import Engine
 from .estimate import (IMATRIX_CTX, convert_estimate, expected_bytes, imatrix_ctx, imatrix_estimate, output_files,
-                       variant_estimate)
+                       sensitivity_estimate, variant_estimate)
 from .files import file_name, imatrix_file, missing_shards, model_name, quantized_by, remove_shards, shards, slug
-from .header import check, imatrix_info, read_back
-from .params import GGUF_TYPES, GGUFParams, check_params, suffix, uses_imatrix
+from .header import check, imatrix_info, read_back, read_header
+from .mix import CANDIDATES, PROBES, SAMPLE_ROWS, Mix, Sensitivity, allocate, budget_for, rebuild_command, sensitivity, \
+    stock_mix, summary_line, wrong_types
+from .params import GGUF_TYPES, GGUFParams, check_params, ftype, label, tuned, uses_imatrix
 from .spec import SPEC
 from .split import check_shards, split_file
 from .tools import explain, llama_threads, need_space, run
 
 BASE = "gguf/base"  # shared step: the 16-bit GGUF -> (path, read_back info)
 IMATRIX = "gguf/imatrix"  # shared step: the importance matrix -> (path, imatrix_info)
+SENSITIVITY = "gguf/sensitivity"  # shared step: tensor x type -> (bytes, error), for tuned mixes
 RAY_CPUS = 4  # cores per GGUF task on a Ray cluster: llama-quantize and scoring use them all
 RAY = TaskResources(cpus=RAY_CPUS)
 
@@ -109,6 +112,9 @@ class GGUFEngine(Engine[GGUFParams]):
         if any(check_params(v, raise_=False)[1] for v in variants):
             steps.append(SharedStep(IMATRIX, "importance matrix", self.imatrix, deps=(BASE,),
                                     estimate=imatrix_estimate, resources=RAY))
+        if any(tuned(v.params) for v in variants):
+            steps.append(SharedStep(SENSITIVITY, "tensor sensitivity", self.sensitivity, deps=(BASE, IMATRIX),
+                                    estimate=sensitivity_estimate, resources=RAY))
         return tuple(steps)
 
     def base_gguf(self, ctx: BuildContext, inputs: Products) -> tuple[Path, dict[str, Any]]:
@@ -130,6 +136,18 @@ class GGUFEngine(Engine[GGUFParams]):
             _compute_imatrix(ctx, self.toolchain(), base, out)
         return out, imatrix_info(out)
 
+    def sensitivity(self, ctx: BuildContext, inputs: Products) -> Sensitivity:
+        """Every tensor's error per candidate type, calibrated by probes on the calibration text;
+        once per (base GGUF, importance matrix)."""
+        base, _ = inputs[BASE]
+        im, _ = inputs[IMATRIX]
+        tc = self.toolchain()
+        key = _key(base.parent.name, im.parent.name, CANDIDATES, SAMPLE_ROWS, PROBES, tc.version())
+        folder = ctx.work_dir / "gguf" / f"sensitivity-{key}"
+        folder.mkdir(parents=True, exist_ok=True)
+        text = ctx.calib.write_text(folder / "calibration.txt")
+        return sensitivity(tc, base, im, text, int(ctx.calib.windows.size), folder / "sensitivity.json", ctx.progress)
+
     # -- one variant
 
     def build(self, variant: Variant[GGUFParams], ctx: BuildContext, out_dir: Path,
@@ -137,7 +155,10 @@ class GGUFEngine(Engine[GGUFParams]):
         """Write `{name}.{QUANT}.gguf` (or its shards) into out_dir, with the imatrix beside it."""
         quant, use_im = check_params(variant)
         im = inputs[IMATRIX] if use_im else None
-        built = quantize(variant, ctx, out_dir, inputs[BASE], im, self.toolchain())
+        if tuned(variant.params):
+            built = build_tuned(variant, ctx, out_dir, inputs, self.toolchain())
+        else:
+            built = quantize(variant, ctx, out_dir, inputs[BASE], im, self.toolchain())
         notes = {k: v for k, v in built.notes.items() if k != "quantize_seconds"}
         if im is not None:
             _copy_imatrix(im[0], out_dir / imatrix_file(ctx))
@@ -220,13 +241,11 @@ def quantize(variant: Variant[GGUFParams], ctx: BuildContext, out_dir: Path, bas
     need = expected_bytes(quant, ctx.source.n_params)
     need_space(out_dir, 2 * need if need > limit else need, quant, variant.name)  # split: both at once
     out_dir.mkdir(parents=True, exist_ok=True)
-    out = out_dir / file_name(ctx, quant + suffix(variant.params))
+    out = out_dir / file_name(ctx, label(variant.params))
     tmp = out.with_suffix(".partial")
     t0 = time.monotonic()
     ctx.progress(f"quantize {quant}", 0, 1)
-    cmd: list[str | Path] = [tc.quantize,  # llama.cpp keeps override strings to 127 bytes
-                             "--override-kv", f"general.quantized_by=str:{quantized_by(ctx)[:120]}",
-                             "--override-kv", f"general.name=str:{model_name(ctx)[:120]}", *extra_args]
+    cmd: list[str | Path] = [tc.quantize, *overrides(ctx), *extra_args]
     if im:
         cmd += ["--imatrix", im[0].name]  # relative: the path lands in the metadata
     res = run(cmd + [base_path.resolve(), tmp.resolve(), quant, str(llama_threads())],
@@ -239,6 +258,50 @@ def quantize(variant: Variant[GGUFParams], ctx: BuildContext, out_dir: Path, bas
     ctx.progress(f"quantize {quant}", 1, 1)
     seconds = round(time.monotonic() - t0, 2)
     return Built(paths, {**_notes(quant, base_path, got, im, tc), **split_notes, "quantize_seconds": seconds})
+
+
+def build_tuned(variant: Variant[GGUFParams], ctx: BuildContext, out_dir: Path, inputs: Products,
+                tc: llamacpp.Toolchain) -> Built:
+    """The budget from the stock mix, the allocation, its `--tensor-type-file` beside the file,
+    then stock llama-quantize from that file; the written types must be the chosen ones."""
+    base, im = inputs[BASE], inputs[IMATRIX]
+    quant, name = ftype(variant.params), label(variant.params)
+    t0 = time.monotonic()
+    ctx.progress("allocate a tuned mix", 0, 1)
+    stock = stock_mix(tc, base[0], im[0], quant)
+    mix = allocate(inputs[SENSITIVITY], stock, budget_for(stock, read_header(base[0])["infos"],
+                                                          variant.params.target_bpw))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rules = out_dir / f"{model_name(ctx)}.{name}.tensor-types.txt"
+    rules.write_text(mix.rules(), encoding="utf-8")
+    allocating = round(time.monotonic() - t0, 2)
+    ctx.progress("allocate a tuned mix", 1, 1)
+    # The imatrix under its published name, from the variant folder: the name lands in the
+    # metadata, so the card's rebuild command gives the same bytes.
+    published = out_dir / imatrix_file(ctx)
+    _copy_imatrix(im[0], published)
+    built = quantize(variant, ctx, out_dir, base, (published, im[1]), tc,
+                     ("--pure", "--tensor-type-file", rules.name))
+    written = {i.name: i.type for p in built.paths for i in read_header(p)["infos"]}
+    if bad := wrong_types(mix, written):
+        raise EngineError("gguf", f"llama-quantize did not follow {rules.name}: {'; '.join(bad[:3])}", variant.name)
+    notes = {**built.notes, **_mix_notes(mix, rules.name, ctx, built, base[0], quant), "allocate_seconds": allocating,
+             "quantize_seconds": round(time.monotonic() - t0, 2)}  # the variant's own time: allocation included
+    return replace(built, notes=notes)
+
+
+def _mix_notes(mix: Mix, rules: str, ctx: BuildContext, built: Built, base: Path, quant: str) -> dict[str, Any]:
+    return {"tensor_type_file": rules, "mix_budget_bytes": mix.budget, "mix_tensor_bytes": mix.bytes,
+            "mix_predicted_error_vs_stock": round(mix.error / mix.stock_error, 4) if mix.stock_error else None,
+            "mix_changes": summary_line(mix),
+            "rebuild": rebuild_command(rules, imatrix_file(ctx), base.name, built.path.name, quant,
+                                       overrides(ctx))}
+
+
+def overrides(ctx: BuildContext) -> list[str]:
+    """Metadata llama-quantize writes for us (it keeps override strings to 127 bytes)."""
+    return ["--override-kv", f"general.quantized_by=str:{quantized_by(ctx)[:120]}",
+            "--override-kv", f"general.name=str:{model_name(ctx)[:120]}"]
 
 
 def _finish(tmp: Path, out: Path, limit: int, quant: str, base_info: dict[str, Any], variant: str,
@@ -265,6 +328,9 @@ def _notes(quant: str, base: Path, got: dict[str, Any], im: tuple[Path, dict[str
             "tensors": got["tensors"], "tensor_types": got["tensor_types"], "llama_cpp": tc.version()}
 
 
+REUSE_MIN = 32  # a shared start shorter than this is not worth the bookkeeping
+
+
 class LlamaRunner:
     """Opens the model on first use with a context as long as the chunks it is given."""
 
@@ -278,9 +344,25 @@ class LlamaRunner:
         n = len(ids)
         if self.llm is None or n > self.n_ctx:
             self._open(n)
+        tokens = [int(i) for i in ids]
+        keep = self._shared(tokens)
         self.llm.reset()
-        self.llm.eval([int(i) for i in ids])
+        self.llm.n_tokens = keep  # eval() drops the KV cache past it and keeps the prefix's scores
+        self.llm.eval(tokens[keep:])
         return np.array(self.llm.scores[:n], dtype=np.float32, copy=True)
+
+    def _shared(self, tokens: list[int]) -> int:
+        """Tokens at the start the last call evaluated too: a question's answers share it (context
+        and question, most of each sequence), so it is evaluated once. Evaluation chunks share
+        none; below REUSE_MIN tokens a shared start is evaluated again anyway."""
+        done = self.llm.input_ids[: self.llm.n_tokens]
+        k = 0
+        for a, b in zip(done, tokens[:-1]):  # the last token is always evaluated: its logits
+            if a != b:
+                break
+            k += 1
+        recurrent = getattr(self.llm, "_is_recurrent", False) or getattr(self.llm, "_is_hybrid", False)
+        return k if k >= REUSE_MIN and not recurrent else 0  # reset() clears a recurrent state
 
     def _open(self, n: int) -> None:
         from llama_cpp import Llama

@@ -12,8 +12,11 @@ from __future__ import annotations
 import math
 import mmap
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from ...errors import EngineError
 
@@ -78,7 +81,7 @@ def read_header(path: Path) -> dict[str, Any]:
         for _ in range(n_kv):
             key = c.string()
             kv[key] = c.value(GGUFValueType(c.take("<I")[0]))
-        tensors, sizes = [], []
+        tensors, sizes, infos = [], [], []
         for _ in range(n_tensors):
             name = c.string()
             (nd,) = c.take("<I")
@@ -88,11 +91,45 @@ def read_header(path: Path) -> dict[str, Any]:
             block, size = GGML_QUANT_SIZES[qtype]
             sizes.append(math.prod(dims) // block * size)
             tensors.append((name, qtype.name, toff + sizes[-1]))
+            infos.append(TensorInfo(name, qtype.name, tuple(dims), toff, sizes[-1]))
         align = int(kv.get("general.alignment") or 32)
         data_start = c.off + (-c.off % align)
         end = data_start + max((t[2] for t in tensors), default=0)
         return {"kv": kv, "tensors": tensors, "complete": mm.size() >= end, "data_start": data_start,
-                "sizes": sizes}
+                "sizes": sizes, "infos": [i.at(data_start) for i in infos]}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One tensor of a GGUF file: its type, ggml dims (ne0, the row length, first) and where its
+    bytes are."""
+
+    name: str
+    type: str  # GGMLQuantizationType name: "Q4_K", "F16", ...
+    dims: tuple[int, ...]
+    offset: int  # in the file, once `at` has added the data section's start
+    nbytes: int
+
+    def at(self, data_start: int) -> TensorInfo:
+        return TensorInfo(self.name, self.type, self.dims, data_start + self.offset, self.nbytes)
+
+
+def tensor(path: Path, info: TensorInfo, rows: np.ndarray | None = None) -> np.ndarray:
+    """One tensor as float32 [rows, ne0], dequantized with gguf-py from a memory map; `rows`:
+    only these rows (indices), read without touching the others."""
+    from gguf.constants import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    raw = np.memmap(path, dtype=np.uint8, mode="r", offset=info.offset, shape=(info.nbytes,))
+    qtype = GGMLQuantizationType[info.type]
+    n = math.prod(info.dims[1:]) if len(info.dims) > 1 else 1
+    blocks = raw.reshape(n, -1) if rows is None else raw.reshape(n, -1)[rows]
+    width = info.dims[0]
+    if qtype == GGMLQuantizationType.F32:
+        return np.frombuffer(np.ascontiguousarray(blocks), dtype=np.float32).reshape(-1, width)
+    if qtype == GGMLQuantizationType.F16:
+        return np.frombuffer(np.ascontiguousarray(blocks), dtype=np.float16).astype(np.float32).reshape(-1, width)
+    return np.asarray(dequantize(blocks, qtype), dtype=np.float32).reshape(-1, width)
 
 
 def read_back(path: Path) -> dict[str, Any]:

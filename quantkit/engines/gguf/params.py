@@ -3,9 +3,9 @@ validated parameters."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar, Literal
 
-from pydantic import field_validator, model_validator
+from pydantic import SerializerFunctionWrapHandler, field_validator, model_serializer, model_validator
 
 from ... import formats as f
 from ...errors import EngineError
@@ -50,24 +50,98 @@ GGUF_TYPES: dict[str, tuple[float, bool]] = {
 }
 
 
+# A tuned mix's budget: a stock type's file size, from Q2_K up (below it the candidate types,
+# K-quants, have nothing smaller to give), or bits per weight in that range.
+TUNED_TARGETS = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K")
+TUNED_BPW = (2.8, 8.5)
+
+
 class GGUFParams(f.ParamsModel):
-    quant: str
+    quant: str = ""  # the stock type; for a tuned mix the type whose file size is the budget
     imatrix: bool = True
     split_max_size: f.SizeSetting = f.SPLIT_DEFAULT  # larger files become llama.cpp shards
+    mix: Literal["stock", "tuned"] = "stock"  # tuned: per-tensor types chosen on the German imatrix
+    target_bpw: float | None = None  # a tuned mix's budget in bits per weight, instead of a type
+    recipe_aliases: ClassVar[tuple[str, ...]] = ("target",)  # a tuned mix's budget type
+
+    @model_validator(mode="before")
+    @classmethod
+    def _target(cls, data: Any) -> Any:
+        """`target` names a tuned mix's budget type: it is `quant` under the name the recipe reads best."""
+        if not isinstance(data, dict) or "target" not in data:
+            return data
+        if data.get("mix") != "tuned":
+            raise ValueError('target is the budget of a tuned mix: add mix = "tuned" (or use quant for a stock type)')
+        if data.get("quant"):
+            raise ValueError("give the budget once: target or quant, not both")
+        return {("quant" if k == "target" else k): v for k, v in data.items()}
 
     @field_validator("quant")
     @classmethod
     def _known_type(cls, v: str) -> str:
         up = v.upper()
-        if up not in GGUF_TYPES:
+        if up and up not in GGUF_TYPES:
             raise ValueError(f"unknown GGUF type {v!r}; known: {', '.join(GGUF_TYPES)}")
         return up
 
     @model_validator(mode="after")
-    def _imatrix_needed(self) -> GGUFParams:
+    def _consistent(self) -> GGUFParams:
+        if self.mix == "tuned":
+            return self._tuned()
+        if not self.quant:
+            raise ValueError("quant is required: a llama.cpp type such as Q4_K_M")
+        if self.target_bpw is not None:
+            raise ValueError('target_bpw is the budget of a tuned mix: add mix = "tuned"')
         if GGUF_TYPES[self.quant][1] and not self.imatrix:
             raise ValueError(f"{self.quant} needs an importance matrix: set imatrix = true")
         return self
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """A stock variant dumps as before tuned mixes existed: its cache key, manifest and card
+        rows stay the same, so an earlier build resumes instead of rebuilding."""
+        d = handler(self)
+        if d.get("mix") == "stock":
+            d.pop("mix")
+            d.pop("target_bpw", None)
+        return d
+
+    def _tuned(self) -> GGUFParams:
+        if (self.target_bpw is None) == (not self.quant):
+            raise ValueError("a tuned mix needs one budget: target = a type such as \"Q4_K_M\", or target_bpw")
+        if self.quant and self.quant not in TUNED_TARGETS:
+            raise ValueError(f"a tuned mix's target is one of {', '.join(TUNED_TARGETS)} (got {self.quant})")
+        lo, hi = TUNED_BPW
+        if self.target_bpw is not None and not lo <= self.target_bpw <= hi:
+            raise ValueError(f"target_bpw must be between {lo} and {hi} (got {self.target_bpw})")
+        if not self.imatrix:
+            raise ValueError("a tuned mix is weighed by the importance matrix: set imatrix = true")
+        return self
+
+
+def tuned(p: Any) -> bool:
+    d = p if isinstance(p, dict) else p.model_dump()
+    return d.get("mix") == "tuned"
+
+
+def ftype(p: Any) -> str:
+    """The llama.cpp type a file is made and labelled as: the stock type, a tuned mix's target,
+    or for a bits-per-weight budget the K-quant mix nearest below it."""
+    d = p if isinstance(p, dict) else p.model_dump()
+    if d.get("quant"):
+        return str(d["quant"])
+    bpw = float(d["target_bpw"])
+    return max((t for t in TUNED_TARGETS if GGUF_TYPES[t][0] <= bpw), key=lambda t: GGUF_TYPES[t][0],
+               default=TUNED_TARGETS[0])
+
+
+def label(p: Any) -> str:
+    """What names the variant, its branch and its file: Q4_K_M, Q4_K_M-noimatrix, Q4_K_M_tuned, tuned-3.50bpw.
+    A tuned file reads to the Hub's label rule as its own tag (Q4_K_M_TUNED), never as the stock type's."""
+    d = p if isinstance(p, dict) else p.model_dump()
+    if d.get("mix") == "tuned":
+        return f"{d['quant']}_tuned" if d.get("quant") else f"tuned-{float(d['target_bpw']):.2f}bpw"
+    return f"{d['quant']}{suffix_of(d)}"
 
 
 def uses_imatrix(p: Any) -> bool:
@@ -77,14 +151,14 @@ def uses_imatrix(p: Any) -> bool:
     return bool(d.get("imatrix")) and d.get("quant") not in NO_IMATRIX_USE
 
 
-def suffix(p: GGUFParams) -> str:
+def suffix_of(d: dict[str, Any]) -> str:
     """A plain variant of a type that also has an imatrix one needs its own name on main."""
-    return "" if p.imatrix or p.quant in FLOAT_TYPES else "-noimatrix"
+    return "" if d.get("imatrix") or d.get("quant") in FLOAT_TYPES else "-noimatrix"
 
 
 def check_params(v: Variant[GGUFParams], raise_: bool = True) -> tuple[str, bool]:
     """(type, use imatrix); IQ* and Q2_K_S without an imatrix stop here, with the fix."""
-    quant = str(v.params.quant).upper()
+    quant = ftype(v.params).upper()
     if quant not in GGUF_TYPES:
         if raise_:
             raise EngineError("gguf", f"unknown GGUF type {quant}", v.name)

@@ -8,7 +8,7 @@ from typing import Any
 from ... import formats as f
 from .estimate import llama_cpp_overhead
 from .files import first_shard, hub_quant_label, include_pattern, shards
-from .params import GGUFParams, suffix, use_case, uses_imatrix
+from .params import GGUFParams, ftype, label, tuned, use_case, uses_imatrix
 
 
 def gguf_file(row: f.CardRow) -> str:
@@ -22,7 +22,11 @@ def _file_link(r: f.CardRow) -> str:
 
 
 def _quant_method(r: f.CardRow) -> str:
-    return str(r.params.get("quant")) + (", imatrix" if uses_imatrix(dict(r.params)) else "")
+    p = dict(r.params)
+    if tuned(p):
+        return f"tuned mix at {ftype(p)} size, imatrix" if p.get("quant") else \
+            f"tuned mix at {p['target_bpw']:.2f} bits per weight, imatrix"
+    return str(p.get("quant")) + (", imatrix" if uses_imatrix(p) else "")
 
 
 def card_names(row: f.CardRow, rows: list[f.CardRow]) -> dict[str, Any]:
@@ -35,29 +39,45 @@ def card_names(row: f.CardRow, rows: list[f.CardRow]) -> dict[str, Any]:
     # gguf_files: the model's files in load order (one, or every shard); gguf_include: a glob for
     # `hf download REPO --include` that fetches exactly those.
     return {"gguf_file": name, "quant_tag": "" if shared else tag, "file_tag": tag,
-            "gguf_files": shards(files), "gguf_include": include_pattern(files)}
+            "gguf_files": shards(files), "gguf_include": include_pattern(files), "tuned_mixes": _tuned_rows(rows)}
+
+
+def _tuned_rows(rows: list[f.CardRow]) -> list[dict[str, Any]]:
+    """What the card says of each tuned mix: its rules file, what moved, how to rebuild it."""
+    return [{"branch": r.variant.branch, "file": gguf_file(r), "rules": r.record.notes["tensor_type_file"],
+             "budget": label(dict(r.params)), "changes": r.record.notes.get("mix_changes", ""),
+             "rebuild": r.record.notes.get("rebuild", "")}
+            for r in rows if tuned(dict(r.params)) and "tensor_type_file" in r.record.notes]
 
 
 def _variant_name(p: GGUFParams) -> str:
-    return f"gguf-{p.quant}{suffix(p)}"
+    return f"gguf-{label(p)}"
 
 
 def _branch_name(p: GGUFParams) -> str:
-    return f"{p.quant}{suffix(p)}"
+    return label(p)
 
 
 def _describe(p: Any) -> str:
+    if tuned(dict(p)):
+        return f"llama.cpp types per tensor, chosen on the importance matrix within the {label(dict(p))} budget"
     return f"llama.cpp {p['quant']}" + (", with importance matrix" if uses_imatrix(dict(p)) else "")
+
+
+def _use_case(r: f.CardRow) -> str:
+    p = dict(r.params)
+    stock = use_case(ftype(p))
+    return f"{stock}; per-tensor types tuned on the calibration language" if tuned(p) else stock
 
 
 SPEC = f.FormatSpec(
     name="gguf", repo_suffix="GGUF", params=GGUFParams, variant_name=_variant_name, branch_name=_branch_name,
-    name_keys=frozenset({"quant"}),
+    name_keys=frozenset({"quant", "mix", "target_bpw"}),
     # TheBloke's GGUF table (Name, Quant method, Bits, Size, Max RAM required, Use case) plus
     # measured quality and the variant's own branch.
     columns=(f.Column("Name", _file_link), f.Column("Quant method", _quant_method),
              f.Column("Bits", lambda r: f"{r.record.bits_per_weight:.2f}"), f.SIZE, f.memory_column("RAM"),
-             f.Column("Use case", lambda r: use_case(str(r.params.get("quant")))), *f.QUALITY, f.TOP1, f.BRANCH),
+             f.Column("Use case", _use_case), *f.QUALITY, f.TOP1, f.BRANCH),
     describe=_describe,
     use="CPU and CPU+GPU inference with llama.cpp and the apps built on it",
     tags=("gguf", "quantized", "quantkit"), library_name=None,  # the Hub recognises .gguf files itself
