@@ -1,7 +1,7 @@
 """Tuned per-tensor GGUF mixes against llama.cpp's stock types of the same size, in one build
 (same 16-bit GGUF, same German importance matrix), on held-out German text.
 
-    python benchmarks/tuned_mix.py [--out DIR] [--budgets Q4_K_M Q3_K_M Q2_K]
+    python benchmarks/tuned_mix.py [--out DIR] [--budgets Q4_K_M Q3_K_M Q2_K] [--samples 32 --seq-len 512]
 
 The model is the de-gridded SmolLM2-135M (quantkit.testing.degridded_smollm2). The SmolLM2
 fixture was rebuilt from a Q4_1 GGUF: its weights sit on Q4_1's grid, so Q4_1 (and Q5_1, whose
@@ -45,15 +45,16 @@ BUDGETS = ["Q4_K_M", "Q3_K_M", "Q2_K"]
 CLASSES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 
 
-def recipe_text(model: Path, budgets: list[str]) -> str:
+def recipe_text(model: Path, budgets: list[str], samples: int = 32, seq_len: int = 512) -> str:
     return (f'[model]\nsource = "{model}"\nname = "SmolLM2-135M-Instruct"\n'
-            '[calibration]\nsamples = 32\nseq_len = 512\n[evaluation]\ntokens = 4096\nctx = 512\nqa_items = 0\n'
+            f'[calibration]\nsamples = {samples}\nseq_len = {seq_len}\n'
+            '[evaluation]\ntokens = 4096\nctx = 512\nqa_items = 0\n'
             '[build]\nkeep_intermediate = true\n'
             f'[[variants]]\nformat = "gguf"\nquant = {json.dumps(budgets)}\n'
             f'[[variants]]\nformat = "gguf"\nmix = "tuned"\ntarget = {json.dumps(budgets)}\n')
 
 
-def build(out: Path, budgets: list[str]) -> tuple[Any, dict[str, float]]:
+def build(out: Path, budgets: list[str], samples: int, seq_len: int) -> tuple[Any, dict[str, float]]:
     """The build, and the seconds of each shared step."""
     from quantkit import pipeline
     from quantkit.events import StepDone
@@ -67,7 +68,7 @@ def build(out: Path, budgets: list[str]) -> tuple[Any, dict[str, float]]:
 
     out.mkdir(parents=True, exist_ok=True)
     recipe = out / "recipe.toml"
-    recipe.write_text(recipe_text(degridded_smollm2(), budgets))
+    recipe.write_text(recipe_text(degridded_smollm2(), budgets, samples, seq_len))
     plan = load_plan(recipe, out / "build")
     res = pipeline.build(plan, report=report, preflight=False)
     if res.failed:
@@ -142,10 +143,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=Path("/tmp/quantkit-tuned-mix"))
     ap.add_argument("--budgets", nargs="+", default=BUDGETS)
+    # the calibration text (importance matrix, probes): the demo's 32 x 512 tokens by default;
+    # the probes' cost is fixed, the ladder's imatrix grows with it (the recipe default: 128 x 4096)
+    ap.add_argument("--samples", type=int, default=32)
+    ap.add_argument("--seq-len", type=int, default=512)
     args = ap.parse_args()
     from quantkit.manifest import load_manifest
 
-    plan, steps = build(args.out, args.budgets)
+    plan, steps = build(args.out, args.budgets, args.samples, args.seq_len)
     m = load_manifest(plan.out_dir)
     base, ctx, _ = plan_baseline(plan)
     print(f"de-gridded SmolLM2-135M-Instruct, held-out German text: {base.eval_set.n_scored} scored tokens, "
