@@ -84,7 +84,8 @@ def llama(tool: Path, model: Path, text: Path, kld: Path, ctx: int, chunks: int,
     seconds = time.perf_counter() - t0
     if res.returncode != 0:
         sys.exit(f"{' '.join(cmd)} failed:\n{res.stderr[-2000:]}")
-    stats = {k.split()[0] if k.startswith("Mean") else k: float(v) for k, v in _STAT.findall(res.stdout)}
+    # keyed by the first word: "Mean", "99.9%", "Same" (llama.cpp pads the labels with spaces)
+    stats = {k.split()[0]: float(v) for k, v in _STAT.findall(res.stdout)}
     return stats, seconds
 
 

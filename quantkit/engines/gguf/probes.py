@@ -116,5 +116,6 @@ def kld(tc: Toolchain, model: Path, text: Path, base_logits: Path, *, ctx: int =
         return 0.0
     m = _MEAN_KLD.search(res.log)
     if m is None:
-        raise EngineError("gguf", explain(res, "scoring a probe (no mean KLD printed)", model.parent))
+        tail = " | ".join(ln.strip() for ln in res.log.splitlines()[-6:] if ln.strip())
+        raise EngineError("gguf", f"llama-perplexity printed no mean KLD for a probe (ctx {ctx}; it ended: {tail[:400]})")
     return float(m.group(1))

@@ -36,7 +36,8 @@ def run(cmd: Sequence[str | Path], *, env: dict[str, str] | None = None, cwd: Pa
         assert p.stdout is not None
         for line in p.stdout:
             lines.append(line.rstrip())
-        return Result(p.wait(), "\n".join(lines[-400:]))
+        # all of it: a statistics block (llama-perplexity's) may sit before many later lines
+        return Result(p.wait(), "\n".join(lines))
 
 
 def _libc_prctl() -> Any:
