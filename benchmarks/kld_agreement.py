@@ -74,19 +74,24 @@ _STAT = re.compile(r"^(Mean\s+KLD|99\.9%\s+KLD|Same top p)\s*:\s*(\S+)", re.M)
 
 
 def llama(tool: Path, model: Path, text: Path, kld: Path, ctx: int, chunks: int, base: bool) -> tuple[dict, float]:
-    """One llama-perplexity run: its statistics and its wall seconds."""
+    """One llama-perplexity run: its statistics and its wall seconds. Its logger writes from a
+    thread the process may exit before it has flushed (llama.cpp issue 22142): a run whose
+    statistics went missing is run again, and the seconds are those of the complete run."""
     from quantkit.engines.gguf import llama_threads
 
     cmd = [str(tool), "-m", str(model), "-c", str(ctx), "-t", str(llama_threads()), "--kl-divergence-base", str(kld)]
     cmd += ["-f", str(text), "--chunks", str(chunks)] if base else ["--kl-divergence"]
-    t0 = time.perf_counter()
-    res = subprocess.run(cmd, capture_output=True, text=True)
-    seconds = time.perf_counter() - t0
-    if res.returncode != 0:
-        sys.exit(f"{' '.join(cmd)} failed:\n{res.stderr[-2000:]}")
-    # keyed by the first word: "Mean", "99.9%", "Same" (llama.cpp pads the labels with spaces)
-    stats = {k.split()[0]: float(v) for k, v in _STAT.findall(res.stdout)}
-    return stats, seconds
+    for _ in range(5):
+        t0 = time.perf_counter()
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        seconds = time.perf_counter() - t0
+        if res.returncode != 0:
+            sys.exit(f"{' '.join(cmd)} failed:\n{res.stderr[-2000:]}")
+        # keyed by the first word: "Mean", "99.9%", "Same" (llama.cpp pads the labels with spaces)
+        stats = {k.split()[0]: float(v) for k, v in _STAT.findall(res.stdout)}
+        if base or "Mean" in stats:
+            return stats, seconds
+    sys.exit(f"{' '.join(cmd)} printed no statistics in 5 runs")
 
 
 def main() -> None:

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from . import answers
+from . import answers, logprobs
 from .answers import Flips, QASet
 from .errors import EvalError
 from .hfmodel import hf_logits
@@ -105,12 +105,6 @@ def make_eval_set(tokenizer: Any, texts: list[str] | tuple[str, ...], tokens: in
     return EvalSet(chunks, hashlib.sha256(chunks.tobytes()).hexdigest())
 
 
-def _log_softmax(logits: np.ndarray) -> np.ndarray:
-    x = logits.astype(np.float32, copy=False)
-    x = x - x.max(axis=-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
-
-
 def chunk_rows(es: EvalSet, fn: LogitsFn) -> Iterator[np.ndarray]:
     """Logits of the scored positions of every chunk, from a per-chunk logits function."""
     for i in range(len(es.chunks)):
@@ -157,7 +151,7 @@ def compute_reference(es: EvalSet, rows: LogitsFn | Iterable[np.ndarray], cache:
     cache.parent.mkdir(parents=True, exist_ok=True)
     out = None
     for i, logits in enumerate(chunk_rows(es, rows) if callable(rows) else rows):
-        lp = _log_softmax(logits)
+        lp = logprobs.log_softmax(logits)
         if out is None:
             out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16,
                                             shape=(len(es.chunks), *lp.shape))
@@ -190,17 +184,12 @@ def score(es: EvalSet, ref: Reference, fn: LogitsFn, progress: ChunkProgress | N
     over the scored tokens, in one pass over each chunk's logits."""
     nll, klds, dps, agree = 0.0, [], [], 0
     for i, logits in enumerate(chunk_rows(es, fn)):
-        p = np.asarray(ref.logprobs[i], dtype=np.float32)
-        vocab = min(p.shape[-1], logits.shape[-1])  # GGUF vocabularies may be padded
-        q = _log_softmax(logits[:, :vocab])
-        p = p[:, :vocab]
         t = _targets(es, i)
-        rows = np.arange(len(t))
-        q_true, p_true = q[rows, t], p[rows, t]
-        nll -= float(q_true.astype(np.float64).sum())
-        klds.append((np.exp(p) * (p - q)).sum(axis=-1, dtype=np.float64))
-        dps.append(np.exp(q_true.astype(np.float64)) - np.exp(p_true.astype(np.float64)))
-        agree += int((p.argmax(-1) == q.argmax(-1)).sum())
+        r = logprobs.compare(ref.logprobs[i], logits, t)
+        nll -= float(r.q_true.sum())
+        klds.append(r.kld)
+        dps.append(np.exp(r.q_true) - np.exp(r.p_true))
+        agree += r.same_top
         if progress:
             progress(i + 1, len(es.chunks))
     n = es.n_scored

@@ -215,7 +215,7 @@ def _hf_logits_unpermuted(model: Path, ids: np.ndarray) -> np.ndarray:
 
 
 def test_imatrix_changes_the_quantization(tiny, toolchain, bindings):
-    from quantkit.evaluate import _log_softmax
+    from quantkit.logprobs import log_softmax as _log_softmax
 
     ctx, tok, _, out = tiny
     eng = gguf_engine.GGUFEngine()
@@ -348,7 +348,7 @@ def test_missing_toolchain_is_one_line(tiny, monkeypatch, tmp_path):
 def test_smollm2_f16_matches_hf_and_imatrix_helps(smollm2_2l, tmp_path, toolchain, bindings):
     """Real weights (SmolLM2's first two layers): F16 logits match HF; the German imatrix
     lowers KLD at Q2_K on held-out German text."""
-    from quantkit.evaluate import _log_softmax
+    from quantkit.logprobs import log_softmax as _log_softmax
     from quantkit.hfmodel import hf_logits
 
     ctx, tok, _ = make_ctx(smollm2_2l, tmp_path / "work", samples=8, seq_len=512)

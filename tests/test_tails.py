@@ -12,7 +12,7 @@ import pytest
 
 from _hub_fixtures import hub  # noqa: F401 - the local Hub server fixture
 from quantkit import answers
-from quantkit.evaluate import EvalSet, _log_softmax, compute_reference, score
+from quantkit.evaluate import EvalSet, compute_reference, score
 from quantkit.records import QualityRecord
 
 
@@ -21,6 +21,13 @@ def _eval_set(n: int = 3, ctx: int = 16, vocab: int = 50, seed: int = 0) -> tupl
     chunks = rng.integers(0, vocab, size=(n, ctx))
     logits = rng.normal(0, 3, size=(n, ctx, vocab)).astype(np.float32)
     return EvalSet(chunks, "x"), logits
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    """numpy's, in float64: the oracle for quantkit.logprobs' torch kernels."""
+    x = x.astype(np.float64)
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
 
 
 def test_tail_metrics_are_llama_perplexity_s_from_the_same_tokens(tmp_path: Path) -> None:

@@ -240,10 +240,11 @@ def test_the_sensitivity_step_is_keyed_calibrated_and_found_again(tiny_llama: Pa
     assert not list(first.path.parent.glob("*.gguf"))  # the probe files are gone
 
 
-def test_a_probe_file_is_what_llama_quantize_writes_from_the_same_rules(tiny_llama: Path, tmp_path: Path,
-                                                                        toolchain: llamacpp.Toolchain) -> None:
-    """Assembled from two pure files under the Q8_0 file's metadata: byte for byte the file
-    `llama-quantize --pure --tensor-type-file` makes."""
+def test_a_probe_of_linked_shards_scores_as_the_file_llama_quantize_writes_from_the_same_rules(
+        tiny_llama: Path, tmp_path: Path, toolchain: llamacpp.Toolchain) -> None:
+    """A probe is a folder of links to shards of two pure files, no copy of the weights:
+    llama.cpp loads it as one model, and it scores the same KLD, to the digit, as the one file
+    `llama-quantize --pure --tensor-type-file` makes with the same types."""
     from quantkit.engines.gguf import probes
 
     ctx, _, _ = make_ctx(tiny_llama, tmp_path / "work")
@@ -251,11 +252,17 @@ def test_a_probe_file_is_what_llama_quantize_writes_from_the_same_rules(tiny_lla
     base, im = made[BASE][0], made[IMATRIX][0]
     q8 = probes.pure(toolchain, base, im, tmp_path / "q8.gguf", "Q8_0")
     low = probes.pure(toolchain, base, im, tmp_path / "low.gguf", "Q2_K")
-    members = ["blk.0.attn_v.weight", "blk.1.ffn_down.weight"]
-    probes.assemble(tmp_path / "probe.gguf", q8, dict.fromkeys(members, low))
+    groups = [["blk.0.attn_v.weight", "blk.0.attn_q.weight"], ["blk.1.ffn_down.weight"]]
+    sh = probes.shards(tmp_path / "shards", q8, low, groups)
+    first = sh.probe(frozenset({1}))
+    assert all(f.is_symlink() for f in first.parent.iterdir()) and len(list(first.parent.iterdir())) == 3
     infos = [i for i in read_header(base)["infos"] if len(i.dims) == 2]
     rules = tmp_path / "rules.txt"
-    rules.write_text("".join(f"^{re.escape(i.name)}$={'q2_k' if i.name in members else 'q8_0'}\n" for i in infos))
+    rules.write_text("".join(f"^{re.escape(i.name)}$={'q2_k' if i.name in groups[1] else 'q8_0'}\n" for i in infos))
     subprocess.run([str(toolchain.quantize), "--pure", "--tensor-type-file", str(rules), "--imatrix", str(im.resolve()),
                     str(base), str(tmp_path / "ref.gguf"), "Q8_0", "2"], check=True, capture_output=True)
-    assert _sha(tmp_path / "probe.gguf") == _sha(tmp_path / "ref.gguf")
+    text = ctx.calib.write_text(tmp_path / "calibration.txt")
+    n = probes.probe_ctx(int(ctx.calib.windows.size))
+    scorer = probes.Scorer(base, text, n)
+    got, ref = scorer.kld(first), scorer.kld(tmp_path / "ref.gguf")
+    assert got == ref > scorer.kld(sh.probe()) > 0

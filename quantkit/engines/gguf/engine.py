@@ -38,6 +38,7 @@ from .files import file_name, imatrix_file, missing_shards, model_name, quantize
 from .header import check, imatrix_info, read_back, read_header
 from .mix import CANDIDATES, PROBES, SAMPLE_ROWS, Mix, Sensitivity, allocate, budget_for, rebuild_command, sensitivity, \
     stock_mix, summary_line, wrong_types
+from .runner import LlamaRunner
 from .params import GGUF_TYPES, GGUFParams, check_params, ftype, label, tuned, uses_imatrix
 from .spec import SPEC
 from .split import check_shards, split_file
@@ -326,60 +327,6 @@ def _notes(quant: str, base: Path, got: dict[str, Any], im: tuple[Path, dict[str
     return {"quant": quant, "base": base.name.split(".")[-2], "imatrix": im is not None,
             "imatrix_dataset": got["imatrix_dataset"], "imatrix_chunks": got["imatrix_chunks"],
             "tensors": got["tensors"], "tensor_types": got["tensor_types"], "llama_cpp": tc.version()}
-
-
-REUSE_MIN = 32  # a shared start shorter than this is not worth the bookkeeping
-
-
-class LlamaRunner:
-    """Opens the model on first use with a context as long as the chunks it is given."""
-
-    def __init__(self, path: Path):
-        llamacpp.require_bindings()
-        self.path = path
-        self.llm: Any = None
-        self.n_ctx = 0
-
-    def __call__(self, ids: np.ndarray) -> np.ndarray:
-        n = len(ids)
-        if self.llm is None or n > self.n_ctx:
-            self._open(n)
-        tokens = [int(i) for i in ids]
-        keep = self._shared(tokens)
-        self.llm.reset()
-        self.llm.n_tokens = keep  # eval() drops the KV cache past it and keeps the prefix's scores
-        self.llm.eval(tokens[keep:])
-        return np.array(self.llm.scores[:n], dtype=np.float32, copy=True)
-
-    def _shared(self, tokens: list[int]) -> int:
-        """Tokens at the start the last call evaluated too: a question's answers share it (context
-        and question, most of each sequence), so it is evaluated once. Evaluation chunks share
-        none; below REUSE_MIN tokens a shared start is evaluated again anyway."""
-        done = self.llm.input_ids[: self.llm.n_tokens]
-        k = 0
-        for a, b in zip(done, tokens[:-1]):  # the last token is always evaluated: its logits
-            if a != b:
-                break
-            k += 1
-        recurrent = getattr(self.llm, "_is_recurrent", False) or getattr(self.llm, "_is_hybrid", False)
-        return k if k >= REUSE_MIN and not recurrent else 0  # reset() clears a recurrent state
-
-    def _open(self, n: int) -> None:
-        from llama_cpp import Llama
-
-        self.close()
-        self.n_ctx = max(n, 16)
-        try:
-            self.llm = Llama(model_path=str(self.path), n_ctx=self.n_ctx, n_batch=self.n_ctx,
-                             n_ubatch=min(self.n_ctx, 512), logits_all=True, n_gpu_layers=0,
-                             n_threads=llama_threads(), verbose=False)
-        except (ValueError, RuntimeError) as e:
-            raise EngineError("gguf", f"llama-cpp-python cannot load {self.path.name}: {e}") from None
-
-    def close(self) -> None:
-        if self.llm is not None:
-            self.llm.close()
-            self.llm = None
 
 
 __all__ = ["GGUFEngine", "GGUF_TYPES", "BASE", "IMATRIX", "quantize", "uses_imatrix", "LlamaRunner"]

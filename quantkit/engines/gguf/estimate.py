@@ -73,24 +73,25 @@ SENSITIVITY_TYPES = 10  # mix.CANDIDATES
 SENSITIVITY_ROWS = 256  # mix.SAMPLE_ROWS
 PROBE_GROUPS = 21  # 7 classes x 3 thirds of the layers, plus the all-Q8_0 floor and the 16-bit base
 PROBE_TOKENS = 2 * 512  # probes.PROBE_CHUNKS x PROBE_CTX
-WRITE_BYTES_PER_S = 400e6  # assembling a probe file: copying tensor bytes
+WRITE_BYTES_PER_S = 400e6  # splitting the pure files into the probes' shards: copying tensor bytes
 
 
 def sensitivity_estimate(shape: ModelShape, work: Workload, machine: Machine) -> Estimate:
     """A tuned mix's measurement: each type over a sample of rows of every layer matrix (a few
-    tensors at a time), then the probes: a pure Q8_0 and a pure Q2_K file, and per group a file
-    assembled from both and scored by llama-perplexity on calibration text. The disk holds the
-    two pure files and one probe at a time."""
+    tensors at a time), then the probes: a pure Q8_0 and a pure Q2_K file, split once into shards
+    that each probe links (no copy per probe), and per group one llama-perplexity run on
+    calibration text. The disk holds the two pure files and their shards."""
     widths = (shape.hidden, shape.hidden, shape.hidden, shape.hidden, shape.hidden, shape.hidden, shape.intermediate)
     sampled = shape.layers * sum(SENSITIVITY_ROWS * w for w in widths)
     measure = sampled * SENSITIVITY_TYPES / (SAMPLED_PER_S * machine.cores)
     q8 = expected_bytes("Q8_0", shape.params)
     quantize = shape.bf16_bytes / (QUANT_BYTES_PER_S["Q8_0"] * machine.cores / 2) + \
         shape.bf16_bytes / (KQUANT_BYTES_PER_S * machine.cores / 2)
-    score = (PROBE_GROUPS + 2) * (2 * shape.params * PROBE_TOKENS / machine.cpu_flops + q8 / WRITE_BYTES_PER_S)
+    low = expected_bytes("Q2_K", shape.params)
+    score = (PROBE_GROUPS + 2) * 2 * shape.params * PROBE_TOKENS / machine.cpu_flops + (q8 + low) / WRITE_BYTES_PER_S
     ram = max(PROCESS_BASE + machine.cores * 4 * SENSITIVITY_ROWS * max(widths) * 4,
               PROCESS_BASE + SCORE_BASE + shape.kv_bytes(PROBE_TOKENS // 2) + PROBE_TOKENS // 2 * shape.vocab * 4 * 2)
-    disk = 2 * q8 + expected_bytes("Q2_K", shape.params)
+    disk = 2 * (q8 + low)
     return Estimate(int(ram), 0, disk, measure + quantize + score, "tensor sensitivity")
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import shutil
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -182,30 +183,32 @@ def groups(names: list[str]) -> list[tuple[str, int, int]]:
 
 def calibrate(tc: Toolchain, base: Path, imatrix: Path, proxy: dict[str, dict[str, tuple[int, float]]], text: Path,
               ctx: int, work: Path, progress: Progress) -> tuple[Probe, ...]:
-    """One probe per group, scored with llama-perplexity against the 16-bit GGUF."""
+    """One probe per group, scored against the 16-bit GGUF on the calibration text."""
     work.mkdir(parents=True, exist_ok=True)
-    # two Q8_0-sized files (the pure one, one probe) and a pure Q2_K one: 1.3x the 16-bit file
-    need_space(work, int(1.3 * base.stat().st_size), "the calibration probes", None)
+    # a pure Q8_0 and a pure low file (0.53 + ~0.2 of the 16-bit file), then their shards, as large
+    need_space(work, int(1.5 * base.stat().st_size), "the calibration probes", None)
     todo = groups(list(proxy))
+    members = [[t for t in proxy if Probe(c, a, b, 0.0, 0.0).holds(t)] for c, a, b in todo]
     progress("calibration probes", 0, len(todo))
     q8, low = probes.pure(tc, base, imatrix, work / "probe-Q8_0.gguf", "Q8_0"), \
         probes.pure(tc, base, imatrix, work / f"probe-{probes.LOW}.gguf", probes.LOW)
-    logits = work / "base.kld"
-    probes.kld(tc, base, text, logits, ctx=ctx, base=True)
-    floor = probes.kld(tc, q8, text, logits, ctx=ctx)
-    found = []
+    shard_dir = work / "shards"
     try:
-        for n, (cls, first, last) in enumerate(todo, 1):
-            p = Probe(cls, first, last, 0.0, 0.0)
-            members = [t for t in proxy if p.holds(t)]
-            probes.assemble(work / "probe.gguf", q8, dict.fromkeys(members, low))
-            measured = probes.kld(tc, work / "probe.gguf", text, logits, ctx=ctx) - floor
-            predicted = sum(_low(proxy[t]) - proxy[t]["Q8_0"][1] for t in members)
+        sh = probes.shards(shard_dir, q8, low, members)
+        for f in (q8, low):
+            f.unlink()
+        scorer = probes.Scorer(base, text, ctx)
+        floor = scorer.kld(sh.probe())
+        found = []
+        for n, ((cls, first, last), group) in enumerate(zip(todo, members, strict=True), 1):
+            measured = scorer.kld(sh.probe(frozenset({n - 1}))) - floor
+            predicted = sum(_low(proxy[t]) - proxy[t]["Q8_0"][1] for t in group)
             found.append(Probe(cls, first, last, predicted, measured))
             progress("calibration probes", n, len(todo))
     finally:
-        for f in (q8, low, logits, work / "probe.gguf"):
+        for f in (q8, low):
             f.unlink(missing_ok=True)
+        shutil.rmtree(shard_dir, ignore_errors=True)
     return tuple(found)
 
 

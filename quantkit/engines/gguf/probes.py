@@ -6,47 +6,113 @@ the next-token distribution differs by class and depth by two orders of magnitud
 SmolLM2: attn_q's error barely moves the KLD, early attn_v's moves it most; residual streams
 grow with depth, so the same error matters less in late layers). So one probe per tensor class
 and third of the layers: that group at the low type, every other tensor at Q8_0, against the
-16-bit GGUF, with llama.cpp's own `llama-perplexity --kl-divergence` on the calibration text
-(the held-out text stays unseen). Its KLD above the all-Q8_0 file, divided by the group's
-predicted error, scales the errors of the group's tensors.
+16-bit GGUF, scored by llama.cpp in-process on the calibration text (the held-out text stays
+unseen). Its KLD above the all-Q8_0 file, divided by the group's predicted error, scales the
+errors of the group's tensors.
 
-Probe files are assembled, not quantized: the tensor bytes of one all-Q8_0 and one all-low file
-(two `llama-quantize --pure` runs) copied under the Q8_0 file's metadata, so a probe costs a
-file write and one scoring run.
+Probes are linked, not quantized: one all-Q8_0 and one all-low file (two `llama-quantize --pure`
+runs) are split once into shards, a group's tensors to a shard, and a probe is a folder of links
+to one version of each shard, which llama.cpp loads as one split model: a probe costs one scoring
+run and no copy of the weights.
 """
 
 from __future__ import annotations
 
 import mmap
-import re
+import shutil
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from ...errors import EngineError
+from ...logprobs import compare, log_softmax
 from ...toolchain import Toolchain
 from .header import TensorInfo, _Cursor, read_header
+from .runner import LlamaRunner
 from .tools import explain, llama_threads, run
 
-PROBE_CTX = 512  # llama-perplexity's chunk: it scores the second half of each
+PROBE_CTX = 512  # tokens a chunk: the second half of each is scored
 PROBE_CHUNKS = 2  # chunks of calibration text per probe (paired: every probe reads the same tokens)
 LOW = "Q2_K"  # the type a probe puts its group at (llama.cpp falls back where rows need it)
-_MEAN_KLD = re.compile(r"^Mean\s+KLD\s*:\s*(\S+)", re.M)
 
 
 def assemble(out: Path, template: Path, sources: Mapping[str, Path]) -> None:
     """A GGUF with `template`'s metadata and tensors, except that each tensor `sources` names
     takes its type and bytes from that file (same shapes, other types)."""
     with open(template, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-        kv = _kv_bytes(mm)
+        kv, n_kv = _kv_bytes(mm)
     head = read_header(template)
-    align = int(head["kv"].get("general.alignment") or 32)
     others = {p: {i.name: i for i in read_header(p)["infos"]} for p in set(sources.values())}
     chosen = [(sources.get(i.name, template), others[sources[i.name]][i.name] if i.name in sources else i)
               for i in head["infos"]]
+    _write(out, kv, n_kv, chosen, int(head["kv"].get("general.alignment") or 32))
+
+
+@dataclass(frozen=True)
+class Shards:
+    """The probes as one split GGUF of shards: shard 1 holds the metadata and every tensor no
+    probe changes, shard k+1 group k's tensors, written twice (all-Q8_0 and low). A probe is a
+    folder of links to one version of each shard: llama.cpp loads the set as one model, so a
+    probe costs no copy of the weights (a 7B Q8_0 file is 7 GB; 21 probes wrote 150 GB)."""
+
+    folder: Path
+    groups: int
+
+    def probe(self, low: frozenset[int] = frozenset()) -> Path:
+        """The first shard of a probe whose groups in `low` (0-based) are at the low type."""
+        where = self.folder / "probe"
+        shutil.rmtree(where, ignore_errors=True)
+        where.mkdir()
+        n = self.groups + 1
+        for k in range(n):
+            src = "common" if k == 0 else f"g{k}-{'low' if k - 1 in low else 'q8'}"
+            (where / f"probe-{k + 1:05d}-of-{n:05d}.gguf").symlink_to(self.folder / f"{src}.gguf")
+        return where / f"probe-00001-of-{n:05d}.gguf"
+
+
+def shards(folder: Path, q8: Path, low: Path, groups: Sequence[Sequence[str]]) -> Shards:
+    """Split `q8` (and the grouped tensors of `low`) into the probe shards under `folder`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    head = read_header(q8)
+    align = int(head["kv"].get("general.alignment") or 32)
+    lows = {i.name: i for i in read_header(low)["infos"]}
+    grouped = {t for g in groups for t in g}
+    split = _split_kv(len(groups) + 1, len(head["infos"]))
+    with open(q8, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        kv, n_kv = _kv_bytes(mm)
+    _write(folder / "common.gguf", kv + split(0), n_kv + 3,
+           [(q8, i) for i in head["infos"] if i.name not in grouped], align)
+    # later shards carry only the split keys (what llama.cpp reads of them), and the alignment
+    own = {i.name: i for i in head["infos"]}
+    extra = _kv("general.alignment", 4, struct.pack("<I", align)) if align != 32 else b""
+    for k, members in enumerate(groups, 1):
+        for tag, path, infos in (("q8", q8, own), ("low", low, lows)):
+            _write(folder / f"g{k}-{tag}.gguf", split(k) + extra, 3 + bool(extra),
+                   [(path, infos[t]) for t in members], align)
+    return Shards(folder, len(groups))
+
+
+def _split_kv(count: int, tensors: int) -> Callable[[int], bytes]:
+    """The keys llama-gguf-split writes into every shard: split.no (u16), split.count (u16),
+    split.tensors.count (i32, every tensor of the model)."""
+    return lambda no: (_kv("split.no", 2, struct.pack("<H", no)) + _kv("split.count", 2, struct.pack("<H", count))
+                       + _kv("split.tensors.count", 5, struct.pack("<i", tensors)))
+
+
+def _kv(key: str, vtype: int, value: bytes) -> bytes:
+    k = key.encode()
+    return struct.pack("<Q", len(k)) + k + struct.pack("<I", vtype) + value
+
+
+def _write(out: Path, kv: bytes, n_kv: int, chosen: list[tuple[Path, TensorInfo]], align: int) -> None:
+    """A GGUF (version 3) of `n_kv` metadata pairs, as serialized in `kv`, and the given tensors,
+    each copied from its file."""
     tmp = out.with_suffix(".partial")
     with open(tmp, "wb") as f:
-        f.write(kv)
+        f.write(struct.pack("<4sIQQ", b"GGUF", 3, len(chosen), n_kv) + kv)
         offset = 0
         for _, info in chosen:
             f.write(_tensor_info(info, offset))
@@ -60,8 +126,8 @@ def assemble(out: Path, template: Path, sources: Mapping[str, Path]) -> None:
     tmp.replace(out)
 
 
-def _kv_bytes(mm: mmap.mmap) -> bytes:
-    """Magic, version, counts and the metadata section, as the file has them."""
+def _kv_bytes(mm: mmap.mmap) -> tuple[bytes, int]:
+    """The metadata pairs as the file has them, and their number."""
     from gguf.constants import GGUFValueType
 
     c = _Cursor(mm)
@@ -70,7 +136,7 @@ def _kv_bytes(mm: mmap.mmap) -> bytes:
     for _ in range(n_kv):
         c.string()
         c.value(GGUFValueType(c.take("<I")[0]))
-    return bytes(mm[:c.off])
+    return bytes(mm[24:c.off]), n_kv
 
 
 def _tensor_info(info: TensorInfo, offset: int) -> bytes:
@@ -97,25 +163,51 @@ def pure(tc: Toolchain, base: Path, imatrix: Path, out: Path, ftype: str) -> Pat
 
 def probe_ctx(tokens: int) -> int:
     """PROBE_CTX, halved until PROBE_CHUNKS chunks fit in 80 % of the calibration text's tokens
-    (llama.cpp's tokenizer may count a few fewer than ours)."""
+    (llama.cpp's tokenizer may count a few fewer than transformers')."""
     n = PROBE_CTX
     while n > 32 and PROBE_CHUNKS * n > 0.8 * tokens:
         n //= 2
     return n
 
 
-def kld(tc: Toolchain, model: Path, text: Path, base_logits: Path, *, ctx: int = PROBE_CTX, base: bool = False) -> float:
-    """Mean KLD of `model` against the logits in `base_logits` (written first, with base=True)."""
-    cmd: list[str | Path] = [tc.perplexity, "-m", model.resolve(), "-c", str(ctx), "-b", str(ctx),
-                             "-t", str(llama_threads()), "--kl-divergence-base", base_logits.resolve(), "-ngl", "0"]
-    cmd += ["-f", text.resolve(), "--chunks", str(PROBE_CHUNKS)] if base else ["--kl-divergence"]
-    res = run(cmd)
-    if res.returncode != 0:
-        raise EngineError("gguf", explain(res, "scoring a probe", model.parent))
-    if base:
-        return 0.0
-    m = _MEAN_KLD.search(res.log)
-    if m is None:
-        tail = " | ".join(ln.strip() for ln in res.log.splitlines()[-6:] if ln.strip())
-        raise EngineError("gguf", f"llama-perplexity printed no mean KLD for a probe (ctx {ctx}; it ended: {tail[:400]})")
-    return float(m.group(1))
+class Scorer:
+    """Mean KLD of probe models against the 16-bit GGUF, in-process through llama.cpp's bindings,
+    on PROBE_CHUNKS chunks of the calibration text (BOS first, the second half scored, as
+    evaluation cuts them). llama-perplexity computes the same, but its logger runs on a thread
+    that the process may exit before it has written the statistics (llama.cpp issue 22142): on
+    a loaded machine the mean KLD went missing from some runs."""
+
+    def __init__(self, base: Path, text: Path, ctx: int):
+        self.chunks = _chunks(base, text, ctx)
+        self.first = ctx // 2
+        runner = LlamaRunner(base)
+        try:
+            self.ref = [log_softmax(runner(c)[self.first:ctx - 1]) for c in self.chunks]
+        finally:
+            runner.close()
+
+    def kld(self, model: Path) -> float:
+        runner = LlamaRunner(model)
+        try:
+            per_token = [compare(ref, runner(c)[self.first:-1], c[self.first + 1:]).kld
+                         for c, ref in zip(self.chunks, self.ref, strict=True)]
+        finally:
+            runner.close()
+        return float(np.concatenate(per_token).mean())
+
+
+def _chunks(base: Path, text: Path, ctx: int) -> np.ndarray:
+    """The text's first PROBE_CHUNKS chunks of ctx tokens, tokenized by the GGUF's own vocabulary."""
+    from llama_cpp import Llama
+
+    vocab = Llama(model_path=str(base), vocab_only=True, verbose=False)
+    try:
+        ids = vocab.tokenize(text.read_bytes(), add_bos=False, special=False)
+        bos = vocab.token_bos()
+    finally:
+        vocab.close()
+    body = ctx - 1
+    if len(ids) < PROBE_CHUNKS * body:
+        raise EngineError("gguf", f"the calibration text has {len(ids)} tokens, fewer than the probes' "
+                          f"{PROBE_CHUNKS} chunks of {ctx}")
+    return np.array([[bos, *ids[k * body:(k + 1) * body]] for k in range(PROBE_CHUNKS)], dtype=np.int64)
