@@ -106,8 +106,13 @@ def make_eval_set(tokenizer: Any, texts: list[str] | tuple[str, ...], tokens: in
 
 
 def chunk_rows(es: EvalSet, fn: LogitsFn) -> Iterator[np.ndarray]:
-    """Logits of the scored positions of every chunk, from a per-chunk logits function."""
+    """Logits of the scored positions of every chunk, from a per-chunk logits function. A
+    function with a `rows(ids, first)` method (the GGUF runner) computes only those positions."""
+    rows = getattr(fn, "rows", None)
     for i in range(len(es.chunks)):
+        if rows is not None:
+            yield np.asarray(rows(es.chunks[i], es.first_scored))[:-1]
+            continue
         logits = np.asarray(fn(es.chunks[i]))
         if logits.shape[0] != es.ctx:
             raise EvalError("model", f"logits for {logits.shape[0]} positions, expected {es.ctx}")

@@ -391,3 +391,23 @@ def test_answers_sharing_a_question_reuse_its_evaluation(tiny, toolchain, bindin
     finally:
         warm.close()
         cold.close()
+
+
+def test_the_runner_computes_only_the_scored_positions_and_gives_their_logits(tiny, toolchain, bindings):
+    """`rows(ids, first)` asks llama.cpp for the logits of positions first.. only (llama-perplexity's
+    way): the same values as a full evaluation's rows, and the next full call starts afresh."""
+    ctx, _, _, out = tiny
+    eng = gguf_engine.GGUFEngine()
+    made = run_steps(eng, [variant("Q8_0")], ctx)
+    build(eng, variant("Q8_0"), ctx, out / "rows", made)
+    runner = gguf_engine.LlamaRunner(out / "rows" / "tiny-llama.Q8_0.gguf")
+    ids = np.random.default_rng(4).integers(3, 200, 96)
+    try:
+        full = np.array(runner(ids))
+        part = runner.rows(ids, 48)
+        assert part.shape == (48, full.shape[1])
+        assert np.allclose(part, full[48:], atol=1e-3), float(np.abs(part - full[48:]).max())
+        assert runner._shared([int(t) for t in ids]) == 0  # no stale history after rows()
+        assert np.allclose(runner(ids), full, atol=1e-3)
+    finally:
+        runner.close()

@@ -182,14 +182,14 @@ class Scorer:
         self.first = ctx // 2
         runner = LlamaRunner(base)
         try:
-            self.ref = [log_softmax(runner(c)[self.first:ctx - 1]) for c in self.chunks]
+            self.ref = [log_softmax(runner.rows(c, self.first)[:-1]) for c in self.chunks]
         finally:
             runner.close()
 
     def kld(self, model: Path) -> float:
         runner = LlamaRunner(model)
         try:
-            per_token = [compare(ref, runner(c)[self.first:-1], c[self.first + 1:]).kld
+            per_token = [compare(ref, runner.rows(c, self.first)[:-1], c[self.first + 1:]).kld
                          for c, ref in zip(self.chunks, self.ref, strict=True)]
         finally:
             runner.close()

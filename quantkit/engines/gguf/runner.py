@@ -37,6 +37,34 @@ class LlamaRunner:
         # every caller reads it before its next call, which overwrites it.
         return self.llm.scores[:n]
 
+    def rows(self, ids: np.ndarray, first: int) -> np.ndarray:
+        """Logits of positions first..len(ids)-1 only, as llama-perplexity asks for them: llama.cpp
+        then skips the output layer for the other positions (half a chunk), and nothing copies
+        their rows. The KV cache is not kept for reuse afterwards."""
+        import llama_cpp
+
+        n = len(ids)
+        if self.llm is None or n > self.n_ctx:
+            self._open(n)
+        llm, vocab = self.llm, self.llm.n_vocab()
+        llm.reset()
+        llm._ctx.kv_cache_seq_rm(-1, 0, -1)
+        out = np.empty((n - first, vocab), dtype=np.float32)
+        tokens, batch, done = [int(i) for i in ids], llm._batch, 0
+        for start in range(0, n, llm.n_batch):
+            part = tokens[start:start + llm.n_batch]
+            batch.set_batch(part, n_past=start, logits_all=False)
+            for i in range(len(part)):
+                batch.batch.logits[i] = start + i >= first or start + i == n - 1
+            llm._ctx.decode(batch)
+            k = sum(start + i >= first for i in range(len(part)))
+            if k:
+                got = np.ctypeslib.as_array(llama_cpp.llama_get_logits(llm._ctx.ctx), shape=(k * vocab,))
+                out[done:done + k] = got.reshape(k, vocab)
+                done += k
+        llm.n_tokens = 0  # the Llama object's token history no longer matches the cache
+        return out
+
     def _shared(self, tokens: list[int]) -> int:
         """Tokens at the start the last call evaluated too: a question's answers share it (context
         and question, most of each sequence), so it is evaluated once. Evaluation chunks share
