@@ -70,9 +70,9 @@ def variant_estimate(quant: str, shape: ModelShape, work: Workload, machine: Mac
 
 SAMPLED_PER_S = 4e6  # elements a sensitivity pass measures per second and core (quantize, dequantize, weigh)
 SENSITIVITY_TYPES = 10  # mix.CANDIDATES
-SENSITIVITY_ROWS = 256  # mix.SAMPLE_ROWS
+SENSITIVITY_ROWS = 128  # mix.SAMPLE_ROWS
 PROBE_GROUPS = 21  # 7 classes x 3 thirds of the layers, plus the all-Q8_0 floor and the 16-bit base
-PROBE_TOKENS = 2 * 512  # probes.PROBE_CHUNKS x PROBE_CTX
+PROBE_TOKENS = 512  # probes.PROBE_CHUNKS x PROBE_CTX
 WRITE_BYTES_PER_S = 400e6  # splitting the pure files into the probes' shards: copying tensor bytes
 
 
@@ -90,7 +90,7 @@ def sensitivity_estimate(shape: ModelShape, work: Workload, machine: Machine) ->
     low = expected_bytes("Q2_K", shape.params)
     score = (PROBE_GROUPS + 2) * 2 * shape.params * PROBE_TOKENS / machine.cpu_flops + (q8 + low) / WRITE_BYTES_PER_S
     ram = max(PROCESS_BASE + machine.cores * 4 * SENSITIVITY_ROWS * max(widths) * 4,
-              PROCESS_BASE + SCORE_BASE + shape.kv_bytes(PROBE_TOKENS // 2) + PROBE_TOKENS // 2 * shape.vocab * 4 * 2)
+              PROCESS_BASE + SCORE_BASE + shape.kv_bytes(PROBE_TOKENS) + PROBE_TOKENS * shape.vocab * 4 * 2)
     disk = 2 * (q8 + low)
     return Estimate(int(ram), 0, disk, measure + quantize + score, "tensor sensitivity")
 

@@ -42,8 +42,8 @@ from .tools import explain, llama_threads, need_space, run
 # importance matrix they often beat the next K-quant per byte). A row length a type cannot take
 # measures and gets llama.cpp's fallback instead.
 CANDIDATES = ("Q2_K", "Q3_K", "IQ3_S", "IQ4_XS", "Q4_K", "IQ4_NL", "Q4_1", "Q5_K", "Q6_K", "Q8_0")
-SAMPLE_ROWS = 256  # rows measured per tensor, evenly spaced: the error scales by rows / sample
-PROBES = (probes.LOW, probes.PROBE_CTX, probes.PROBE_CHUNKS)  # what the calibration depends on
+SAMPLE_ROWS = 128  # rows measured per tensor, evenly spaced: the error scales by rows / sample
+PROBES = (probes.LOW, probes.PROBE_CTX, probes.PROBE_CHUNKS, probes.SCORE_FROM)  # what the calibration depends on
 MIN_DKLD = 1e-5  # a probe's KLD increase below this is noise: its group counts as barely sensitive
 _DRY = re.compile(r"^\[\s*\d+/\s*\d+\]\s+(\S+)\s+-\s+\[[^\]]*\], type =\s*(\S+), size =\s*([\d.]+) MiB"
                   r"(?: ->\s*([\d.]+) MiB \((\S+)\))?")
@@ -293,9 +293,10 @@ def budget_for(stock: dict[str, tuple[str, int]], infos: list[TensorInfo], targe
 
 def allocate(sens: Sensitivity, stock: dict[str, tuple[str, int]], budget: int) -> Mix:
     """The types that minimise the summed error with every tensor's bytes within `budget`."""
-    fixed = {n: t for n, (t, _) in stock.items() if n not in sens.table}
-    room = budget - sum(b for n, (_, b) in stock.items() if n not in sens.table)
-    options = {n: sorted(c.items(), key=lambda kv: kv[1][0]) for n, c in sens.table.items()}
+    table = sens.table  # computed on each access: once here
+    fixed = {n: t for n, (t, _) in stock.items() if n not in table}
+    room = budget - sum(b for n, (_, b) in stock.items() if n not in table)
+    options = {n: sorted(c.items(), key=lambda kv: kv[1][0]) for n, c in table.items()}
     smallest = budget - room + sum(o[0][1][0] for o in options.values())
     if budget < smallest:
         raise EngineError("gguf", f"a budget of {budget / 1e6:.1f} MB is below the smallest mix the candidate "
@@ -304,10 +305,10 @@ def allocate(sens: Sensitivity, stock: dict[str, tuple[str, int]], budget: int) 
     pick = _lagrange(options, room)
     pick = _fill(options, pick, room)
     types = {**fixed, **{n: options[n][i][0] for n, i in pick.items()}}
-    used = sum(b for n, (_, b) in stock.items() if n not in sens.table) + \
+    used = sum(b for n, (_, b) in stock.items() if n not in table) + \
         sum(options[n][i][1][0] for n, i in pick.items())
     error = sum(options[n][i][1][1] for n, i in pick.items())
-    stock_error = sum(sens.table[n].get(t, (0, math.nan))[1] for n, (t, _) in stock.items() if n in sens.table)
+    stock_error = sum(table[n].get(t, (0, math.nan))[1] for n, (t, _) in stock.items() if n in table)
     return Mix(types, budget, used, {n: t for n, (t, _) in stock.items()}, error, stock_error)
 
 

@@ -34,8 +34,12 @@ from .header import TensorInfo, _Cursor, read_header
 from .runner import LlamaRunner
 from .tools import explain, llama_threads, run
 
-PROBE_CTX = 512  # tokens a chunk: the second half of each is scored
-PROBE_CHUNKS = 2  # chunks of calibration text per probe (paired: every probe reads the same tokens)
+PROBE_CTX = 512  # tokens a chunk
+PROBE_CHUNKS = 1  # chunks of calibration text per probe (paired: every probe reads the same tokens)
+# Scored from an eighth of the chunk on: 448 of 512 tokens, about as many as two chunks' second
+# halves (510), for half the forward passes. What a probe measures is a group's KLD relative to
+# the others on the same tokens; the first 64 give every scored token some context.
+SCORE_FROM = 8
 LOW = "Q2_K"  # the type a probe puts its group at (llama.cpp falls back where rows need it)
 
 
@@ -172,14 +176,14 @@ def probe_ctx(tokens: int) -> int:
 
 class Scorer:
     """Mean KLD of probe models against the 16-bit GGUF, in-process through llama.cpp's bindings,
-    on PROBE_CHUNKS chunks of the calibration text (BOS first, the second half scored, as
-    evaluation cuts them). llama-perplexity computes the same, but its logger runs on a thread
+    on PROBE_CHUNKS chunks of the calibration text (BOS first, as evaluation cuts them, scored
+    from ctx / SCORE_FROM on). llama-perplexity computes the same, but its logger runs on a thread
     that the process may exit before it has written the statistics (llama.cpp issue 22142): on
     a loaded machine the mean KLD went missing from some runs."""
 
     def __init__(self, base: Path, text: Path, ctx: int):
         self.chunks = _chunks(base, text, ctx)
-        self.first = ctx // 2
+        self.first = ctx // SCORE_FROM
         runner = LlamaRunner(base)
         try:
             self.ref = [log_softmax(runner.rows(c, self.first)[:-1]) for c in self.chunks]
