@@ -17,13 +17,14 @@ from quantkit.engines import compressed_tensors as ct
 from quantkit.errors import EngineError, EngineUnavailable
 from quantkit.recipe import parse_recipe
 from quantkit.testing.engine_bench import Bench, build, make_bench, quality, recipe_text, variant_of
+from _hub_fixtures import hub  # noqa: F401 - the local Hub server fixture
 
 pytestmark = pytest.mark.skipif(not gm.is_installed("llmcompressor"), reason="needs the [ct] extra")
 
 CT = ENGINES["compressed-tensors"]
 SIDE_FILES = {"generation_config.json", "tokenizer.json", "tokenizer.model", "tokenizer_config.json"}
 BODIES = {"W4A16": 'scheme = "W4A16"\ngroup_size = 128', "W8A8-FP8": 'scheme = "W8A8-FP8"',
-          "NVFP4A16": 'scheme = "NVFP4A16"'}
+          "NVFP4A16": 'scheme = "NVFP4A16"', "NVFP4": 'scheme = "NVFP4"'}
 
 
 @pytest.fixture(scope="module")
@@ -82,6 +83,23 @@ def test_fp8_and_nvfp4_are_data_free(built: dict) -> None:
     assert "F8_E4M3" in packed_dtypes(built["W8A8-FP8"][0] / "model.safetensors")
 
 
+def test_nvfp4_calibrates_activation_scales(built: dict) -> None:
+    folder, notes, _ = built["NVFP4"]
+    assert notes["calibration_samples"] == 8
+    acts = json.loads((folder / "config.json").read_text())["quantization_config"]["config_groups"]["group_0"][
+        "input_activations"]
+    assert (acts["num_bits"], acts["type"], acts["strategy"], acts["group_size"]) == (4, "float", "tensor_group", 16)
+    scales = tensors(folder / "model.safetensors", "input_global_scale")
+    assert len(scales) == 14 and all(float(t.min()) > 0 for t in scales)  # one per Linear, from the windows
+
+
+def tensors(path: Path, suffix: str) -> list:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return [f.get_tensor(k) for k in f.keys() if k.endswith(suffix)]
+
+
 def packed_dtypes(path: Path) -> set[str]:
     from safetensors import safe_open
 
@@ -93,7 +111,7 @@ def test_quality_through_transformers(built: dict, bench: Bench) -> None:
     q = {s: quality(CT, built[s][0], bench) for s in BODIES}
     # the random model predicts nearly flat distributions (PPL ~1000): top-1 flips on small changes
     assert q["W8A8-FP8"].kld < 0.002 and q["W8A8-FP8"].top1 > 0.8
-    assert q["W4A16"].kld < 0.02 and q["NVFP4A16"].kld < 0.02
+    assert q["W4A16"].kld < 0.02 and q["NVFP4A16"].kld < 0.02 and q["NVFP4"].kld < 0.02
     assert q["W4A16"].kld > 2 * q["W8A8-FP8"].kld  # 4 bits cost more than 8: the scores see the weights
 
 
@@ -150,3 +168,38 @@ def test_version_without_llmcompressor_names_the_extra(monkeypatch: pytest.Monke
     finally:
         monkeypatch.undo()
         ct.ct_version.cache_clear()
+
+
+# ---------------------------------------------------------------- build, card, publish
+
+
+def test_build_card_and_publish_a_branch_per_scheme(tiny_llama: Path, tmp_path: Path, hub) -> None:  # noqa: F811
+    """The real pipeline builds one variant per scheme, cards them, and pushes each to its own
+    branch of one repo on the local Hub; every branch's card tells how vLLM and SGLang serve it."""
+    from typer.testing import CliRunner
+
+    from quantkit.cli import app
+    from quantkit.manifest import load_manifest
+
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text(f'[model]\nsource = "{tiny_llama}"\nname = "tiny"\n[calibration]\nsamples = 8\nseq_len = 128\n'
+                      '[evaluation]\ntokens = 1024\nctx = 128\nqa_items = 0\n[publish]\nowner = "me"\n'
+                      '[[variants]]\nformat = "compressed-tensors"\nscheme = ["W8A8-FP8", "NVFP4A16"]\n'
+                      '[[variants]]\nformat = "compressed-tensors"\nscheme = "W4A16"\ngroup_size = 64\n')
+    out, runner = tmp_path / "build", CliRunner()
+    res = runner.invoke(app, ["build", str(recipe), "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    pub = runner.invoke(app, ["publish", str(recipe), "--out", str(out)])
+    assert pub.exit_code == 0, pub.output
+    repo, branches = "me/tiny-compressed-tensors", ("fp8-dynamic", "nvfp4a16", "w4a16-64g-actorder")
+    m = load_manifest(out)
+    assert m is not None and sorted(m.variants) == sorted(branches)
+    for br in branches:
+        files = hub.files(repo, br)
+        assert {"config.json", "model.safetensors", "recipe.yaml", "tokenizer.json", "README.md"} <= set(files)
+        assert json.loads(files["config.json"])["quantization_config"]["quant_method"] == "compressed-tensors"
+        readme = files["README.md"].decode()
+        assert f"vllm serve {repo} --revision {br}" in readme
+        assert f"python -m sglang.launch_server --model-path {repo} --revision {br}" in readme
+        assert "| Max VRAM required |" in readme and "| Scheme |" in readme
+        assert m.variants[br].quality is not None and f"{m.variants[br].quality.kld:.4f}" in readme
