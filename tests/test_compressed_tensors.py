@@ -184,17 +184,19 @@ def test_build_card_and_publish_a_branch_per_scheme(tiny_llama: Path, tmp_path: 
     recipe = tmp_path / "recipe.toml"
     recipe.write_text(f'[model]\nsource = "{tiny_llama}"\nname = "tiny"\n[calibration]\nsamples = 8\nseq_len = 128\n'
                       '[evaluation]\ntokens = 1024\nctx = 128\nqa_items = 0\n[publish]\nowner = "me"\n'
-                      '[[variants]]\nformat = "compressed-tensors"\nscheme = ["W8A8-FP8", "NVFP4A16"]\n'
-                      '[[variants]]\nformat = "compressed-tensors"\nscheme = "W4A16"\ngroup_size = 64\n')
+                      '[[variants]]\nformat = "compressed-tensors"\nscheme = "W4A16"\ngroup_size = 64\n'
+                      '[[variants]]\nformat = "compressed-tensors"\nscheme = ["W8A8-FP8", "NVFP4A16"]\n')
     out, runner = tmp_path / "build", CliRunner()
     res = runner.invoke(app, ["build", str(recipe), "--out", str(out)])
     assert res.exit_code == 0, res.output
     pub = runner.invoke(app, ["publish", str(recipe), "--out", str(out)])
     assert pub.exit_code == 0, pub.output
-    repo, branches = "me/tiny-compressed-tensors", ("fp8-dynamic", "nvfp4a16", "w4a16-64g-actorder")
+    repo = "me/tiny-compressed-tensors"  # the first variant is the repo's main, as TheBloke's were
+    branches = {"w4a16-64g-actorder": "main", "fp8-dynamic": "fp8-dynamic", "nvfp4a16": "nvfp4a16"}
     m = load_manifest(out)
     assert m is not None and sorted(m.variants) == sorted(branches)
-    for br in branches:
+    assert {r.published.branch for r in m.variants.values()} == set(branches.values())
+    for name, br in branches.items():
         files = hub.files(repo, br)
         assert {"config.json", "model.safetensors", "recipe.yaml", "tokenizer.json", "README.md"} <= set(files)
         assert json.loads(files["config.json"])["quantization_config"]["quant_method"] == "compressed-tensors"
@@ -202,4 +204,5 @@ def test_build_card_and_publish_a_branch_per_scheme(tiny_llama: Path, tmp_path: 
         assert f"vllm serve {repo} --revision {br}" in readme
         assert f"python -m sglang.launch_server --model-path {repo} --revision {br}" in readme
         assert "| Max VRAM required |" in readme and "| Scheme |" in readme
-        assert m.variants[br].quality is not None and f"{m.variants[br].quality.kld:.4f}" in readme
+        q = m.variants[name].quality
+        assert q is not None and f"{q.kld:.4f}" in readme

@@ -28,7 +28,7 @@ import sys
 from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from pydantic import Field, field_validator, model_validator
 
@@ -207,7 +207,7 @@ def _quiet_logs(log_path: Path | None) -> Iterator[None]:
 
     sink = gm._Sink(log_path)
     logger.remove()
-    logger.add(sink, level="INFO", format="{time:HH:mm:ss} | {level} | {message}")
+    logger.add(cast(Any, sink), level="INFO", format="{time:HH:mm:ss} | {level} | {message}")  # a text stream
     try:
         with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
             yield
@@ -242,7 +242,7 @@ def _loader(examples: list[dict[str, list[int]]]) -> Any:
 
     rows = [{"input_ids": torch.tensor([e["input_ids"]]), "attention_mask": torch.tensor([e["attention_mask"]])}
             for e in examples]
-    return DataLoader(rows, batch_size=None)
+    return DataLoader(cast(Any, rows), batch_size=None)  # a list is a map-style dataset
 
 
 def _quantize(variant: Variant[CTParams], ctx: BuildContext, out_dir: Path,
