@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import gc
 import json
 import shutil
 import sys
@@ -278,6 +279,19 @@ def _quantize(variant: Variant[CTParams], ctx: BuildContext, out_dir: Path,
                           f"(log: {log_path})", variant.name) from e
     finally:
         model = None
+        _reset_session()
+
+
+def _reset_session() -> None:
+    """llm-compressor's global session keeps the model (and GPTQ's state) after oneshot: drop it,
+    or the next variant of the build holds two models."""
+    try:
+        from llmcompressor.core import active_session
+
+        active_session().reset()
+    except Exception:  # noqa: BLE001 - nothing to free when the import itself failed
+        pass
+    gc.collect()
 
 
 # ---------------------------------------------------------------- output folder
@@ -371,11 +385,14 @@ def open_ct(folder: Path, device: str, log_path: Path | None = None) -> Iterator
 
 
 # ---------------------------------------------------------------- resource estimates
-# llm-compressor loads the whole model (bf16) and runs the sequential pipeline: one layer at
-# a time through the calibration windows, with GPTQ's Hessians for that layer. Saving
-# compresses in place, layer by layer. Fitted to benchmarks/scale.py (see the README).
+# llm-compressor loads the whole model (bf16) and runs the sequential pipeline: one decoder layer
+# at a time through the calibration windows. GPTQ keeps a float32 Hessian for every Linear of the
+# layer at once (q, k, v, o, gate, up: hidden^2 each; down: intermediate^2), and solves one module
+# at a time in float32. Saving compresses module by module in place. Scoring reloads the branch
+# through transformers: the compressed tensors, then the dense bf16 model they decompress into.
 
 WEIGHT_BYTES = {"W4A16": 0.5, "W8A8-FP8": 1.0, "NVFP4A16": 0.5 + 1 / 16, "NVFP4": 0.5 + 1 / 16}
+LIBRARY_BASE = int(0.3e9)  # llm-compressor's and compressed-tensors' imports beside PROCESS_BASE
 
 
 def output_bytes(p: CTParams, shape: ModelShape) -> list[int]:
@@ -385,21 +402,29 @@ def output_bytes(p: CTParams, shape: ModelShape) -> list[int]:
     return [int(n * (WEIGHT_BYTES[p.scheme] + scale)) if kind == "linear" else 2 * n for kind, n in shape.tensors()]
 
 
+def _quantize_ram(p: CTParams, shape: ModelShape, work: Workload) -> int:
+    h, i = shape.hidden, shape.intermediate
+    calibrated = p.scheme in CALIBRATED
+    hessians = 4 * (6 * h * h + i * i) if p.scheme == "W4A16" else 0
+    solve = 4 * 2 * h * i if p.scheme == "W4A16" else 0  # the largest module in float32, and its update
+    acts = work.calib_tokens * h * 2 * 2 if calibrated else 0  # a layer's inputs and outputs, bf16
+    return PROCESS_BASE + LIBRARY_BASE + 2 * shape.params + hessians + solve + acts
+
+
 def estimate(p: CTParams, shape: ModelShape, work: Workload, machine: Machine) -> Estimate:
     sizes = output_bytes(p, shape)
-    out = sum(sizes)
+    out, dense = sum(sizes), 2 * shape.params
     files = pack_files(sizes, gm.shard_bytes(f.parse_size(p.split_max_size)))
-    dense = 2 * shape.params
-    hessians = 4 * (6 * shape.hidden**2 + shape.intermediate**2) if p.scheme == "W4A16" else 0
     calib = work.calib_tokens if p.scheme in CALIBRATED else 0
-    acts = calib * shape.hidden * 2 * 2  # a layer's inputs and outputs, bf16
-    at_work = 2 * 4 * shape.layer_params + hessians + acts  # the layer in fp32 while it is solved
-    ram = PROCESS_BASE + dense + at_work
-    passes = 2 if p.scheme == "W4A16" else (1 if calib else 0)
+    passes = 2 if calib else 0  # calibrate, then propagate the layer's outputs
     tflop = gm._work_tflop(shape, work, passes) if p.scheme == "W4A16" else passes * 2 * shape.linear_params * calib / 1e12
     score = 2 * shape.params * work.eval_tokens
     if machine.device == "cuda":
         seconds = tflop * 1e12 / (gm.GPU_FLOPS_SHARE * machine.gpu_flops) + score / machine.gpu_flops
-        return Estimate(int(PROCESS_BASE + dense), int(dense + at_work), out, seconds, "quantize", files)
-    seconds = tflop * gm.CPU_SECONDS_PER_TFLOP * 2 / machine.cores + score / machine.cpu_flops + dense / 2e8
-    return Estimate(int(ram), 0, out, seconds, "quantize", files)
+        return Estimate(int(PROCESS_BASE + LIBRARY_BASE + dense), int(_quantize_ram(p, shape, work) - PROCESS_BASE),
+                        out, seconds, "quantize", files)
+    reload = PROCESS_BASE + LIBRARY_BASE + dense + out
+    ram, stage = max((_quantize_ram(p, shape, work), "quantize"), (reload, "reload and score"))
+    # llm-compressor's CPU pipeline: ~2.3x GPTQModel's time per calibration token (benchmarks/ct_schemes.py)
+    seconds = 2.3 * tflop * gm.CPU_SECONDS_PER_TFLOP * 2 / machine.cores + score / machine.cpu_flops
+    return Estimate(int(ram), 0, out, seconds, stage, files)
