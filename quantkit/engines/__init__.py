@@ -6,6 +6,7 @@ from typing import Any
 
 from .awq import AWQEngine
 from .base import Engine
+from .compressed_tensors import CTEngine
 from .exl2 import EXL2Engine
 from .gguf import GGUFEngine
 from .gptq import GPTQEngine
@@ -19,6 +20,7 @@ ENGINES: dict[str, Engine[Any]] = {
     "gguf": GGUFEngine(),  # llama.cpp converter + llama-quantize / llama-imatrix
     "exl2": EXL2Engine(),  # exllamav2, CUDA only
     "mlx": MLXEngine(),  # mlx-lm's affine format; GPTQ/AWQ by GPTQModel, repacked
+    "compressed-tensors": CTEngine(),  # vLLM's own format, by llm-compressor (W4A16, FP8, NVFP4)
 }
 
 __all__ = ["ENGINES", "Engine"]

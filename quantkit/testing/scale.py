@@ -30,6 +30,9 @@ STAGES = ("source", "calibration", "convert", "imatrix", "tuned mix", "quantize"
 RECIPES = {
     "gguf": ('[[variants]]\nformat = "gguf"\nquant = ["Q4_K_M", "Q8_0"]\nimatrix = true\n'),
     "gptq": ('[[variants]]\nformat = "gptq"\nbits = 4\ngroup_size = 128\nact_order = true\n'),
+    # compressed-tensors through llm-compressor: GPTQ W4A16 (its sequential pipeline) and the data-free FP8
+    "ct": ('[[variants]]\nformat = "compressed-tensors"\nscheme = "W4A16"\ngroup_size = 128\n'
+           '[[variants]]\nformat = "compressed-tensors"\nscheme = "W8A8-FP8"\n'),
     # a stock Q4_K_M and a tuned mix of its size: the sensitivity step and the allocation ("tuned mix")
     "tuned": ('[[variants]]\nformat = "gguf"\nquant = "Q4_K_M"\n'
               '[[variants]]\nformat = "gguf"\nmix = "tuned"\ntarget = "Q4_K_M"\n'),
