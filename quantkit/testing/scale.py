@@ -36,6 +36,12 @@ RECIPES = {
     # a stock Q4_K_M and a tuned mix of its size: the sensitivity step and the allocation ("tuned mix")
     "tuned": ('[[variants]]\nformat = "gguf"\nquant = "Q4_K_M"\n'
               '[[variants]]\nformat = "gguf"\nmix = "tuned"\ntarget = "Q4_K_M"\n'),
+    # AutoRound's memory does not grow with its iterations: 2 of them on 2 windows of 512 keep the
+    # run short at 7B widths on a CPU; GGUF (whole model in float32) and GPTQ (its low_cpu_mem path)
+    "autoround": ('[[variants]]\nformat = "gguf"\nquant = "Q4_K_M"\nmethod = "autoround"\n'
+                  'autoround = { iters = 2, nsamples = 2, batch_size = 2 }\n'
+                  '[[variants]]\nformat = "gptq"\nbits = 4\ngroup_size = 128\nmethod = "autoround"\n'
+                  'autoround = { iters = 2, nsamples = 2, batch_size = 2 }\n'),
 }
 
 
@@ -137,7 +143,7 @@ def _stage_of(ev: Any) -> str | None:
         return "reference"
     if t.startswith(("tensor sensitivity", "allocate")):
         return "tuned mix"
-    if t.startswith(("quantize", "load source", "save")):
+    if t.startswith(("quantize", "load source", "save", "autoround")):
         return "quantize"
     if t == "evaluate":
         return "reload and score"

@@ -29,7 +29,7 @@ from ... import toolchain as llamacpp
 from ...errors import EngineError
 from ...records import BuildContext, EngineResult, LogitsFn
 from ...sizing import Estimate, Machine, ModelShape, Workload
-from ...steps import Products, SharedStep, TaskResources
+from ...steps import ONE_GPU, Products, SharedStep, TaskResources
 from ...variant import Variant
 from ..base import Engine
 from .estimate import (IMATRIX_CTX, convert_estimate, expected_bytes, imatrix_ctx, imatrix_estimate, output_files,
@@ -38,8 +38,10 @@ from .files import file_name, imatrix_file, missing_shards, model_name, quantize
 from .header import check, imatrix_info, read_back, read_header
 from .mix import CANDIDATES, PROBES, SAMPLE_ROWS, Mix, Sensitivity, allocate, budget_for, rebuild_command, sensitivity, \
     stock_mix, summary_line, wrong_types
+from .. import _autoround as ar
+from .autoround import build_autoround
+from .params import GGUF_TYPES, GGUFParams, autoround, check_params, ftype, label, tuned, uses_imatrix
 from .runner import LlamaRunner
-from .params import GGUF_TYPES, GGUFParams, check_params, ftype, label, tuned, uses_imatrix
 from .spec import SPEC
 from .split import check_shards, split_file
 from .tools import explain, llama_threads, need_space, run
@@ -103,7 +105,7 @@ class GGUFEngine(Engine[GGUFParams]):
         return f"llama.cpp {tc.version()} / llama-cpp-python {llamacpp.PIN}"
 
     def resources(self, variant: Variant[GGUFParams]) -> TaskResources:
-        return RAY
+        return ONE_GPU if autoround(variant.params) else RAY  # AutoRound tunes on a GPU where there is one
 
     # -- shared steps: the 16-bit GGUF and the importance matrix
 
@@ -155,6 +157,11 @@ class GGUFEngine(Engine[GGUFParams]):
               inputs: Products) -> EngineResult:
         """Write `{name}.{QUANT}.gguf` (or its shards) into out_dir, with the imatrix beside it."""
         quant, use_im = check_params(variant)
+        if autoround(variant.params):
+            device = "cuda" if ctx.device == "cuda" else "cpu"
+            path, notes = build_autoround(variant, ctx, out_dir, inputs[BASE], device, self.toolchain(),
+                                          overrides(ctx))
+            return EngineResult(notes["quantizer"], device, notes.pop("quantize_seconds"), {**notes, "file": path.name})
         im = inputs[IMATRIX] if use_im else None
         if tuned(variant.params):
             built = build_tuned(variant, ctx, out_dir, inputs, self.toolchain())
@@ -170,6 +177,8 @@ class GGUFEngine(Engine[GGUFParams]):
                  machine: Machine) -> Estimate:
         quant = check_params(variant, raise_=False)[0]
         e = variant_estimate(quant, shape, work, machine)
+        if autoround(variant.params):  # AutoRound's run, writing the same bytes as the stock type
+            e = ar.estimate(shape, ar.planned(variant.params.autoround, work.calib_tokens), machine, e)
         return replace(e, files=output_files(quant, shape, f.parse_size(variant.params.split_max_size)))
 
     @contextmanager

@@ -10,6 +10,8 @@ from pydantic import SerializerFunctionWrapHandler, field_validator, model_seria
 from ... import formats as f
 from ...errors import EngineError
 from ...variant import Variant
+from .._autoround import GGUF_TYPES as AUTOROUND_TYPES
+from .._autoround import AutoRoundSettings, dump
 
 FLOAT_TYPES = ("F32", "F16", "BF16")  # written by llama-quantize as a plain conversion
 NO_IMATRIX_USE = (*FLOAT_TYPES, "Q8_0")  # llama.cpp ignores an imatrix for these: do not claim one
@@ -62,6 +64,10 @@ class GGUFParams(f.ParamsModel):
     split_max_size: f.SizeSetting = f.SPLIT_DEFAULT  # larger files become llama.cpp shards
     mix: Literal["stock", "tuned"] = "stock"  # tuned: per-tensor types chosen on the German imatrix
     target_bpw: float | None = None  # a tuned mix's budget in bits per weight, instead of a type
+    # autoround: AutoRound tunes each block's rounding on the calibration windows and writes the
+    # file with its own packer (its own importance matrix; ours is not used)
+    method: Literal["llama.cpp", "autoround"] = "llama.cpp"
+    autoround: AutoRoundSettings | None = None  # its settings; None: the "light" preset
     recipe_aliases: ClassVar[tuple[str, ...]] = ("target",)  # a tuned mix's budget type
 
     @model_validator(mode="before")
@@ -86,6 +92,10 @@ class GGUFParams(f.ParamsModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> GGUFParams:
+        if self.method == "autoround":
+            return self._autoround()
+        if self.autoround is not None:
+            raise ValueError('autoround settings need method = "autoround"')
         if self.mix == "tuned":
             return self._tuned()
         if not self.quant:
@@ -104,7 +114,20 @@ class GGUFParams(f.ParamsModel):
         if d.get("mix") == "stock":
             d.pop("mix")
             d.pop("target_bpw", None)
+        if d.get("method") == "llama.cpp":
+            d.pop("method")
+            d.pop("autoround", None)
+        else:
+            d["autoround"] = dump(self.autoround)  # only what the recipe set: defaults may move
         return d
+
+    def _autoround(self) -> GGUFParams:
+        if self.mix == "tuned" or self.target_bpw is not None:
+            raise ValueError('method = "autoround" writes a stock type\'s mix: drop mix = "tuned" / target_bpw')
+        if self.quant not in AUTOROUND_TYPES:
+            raise ValueError(f"AutoRound's GGUF packer writes {', '.join(AUTOROUND_TYPES)}; not {self.quant or 'no type'}"
+                             + (" (its 2-bit K type is Q2_K_S)" if self.quant == "Q2_K" else ""))
+        return self
 
     def _tuned(self) -> GGUFParams:
         if (self.target_bpw is None) == (not self.quant):
@@ -117,6 +140,11 @@ class GGUFParams(f.ParamsModel):
         if not self.imatrix:
             raise ValueError("a tuned mix is weighed by the importance matrix: set imatrix = true")
         return self
+
+
+def autoround(p: Any) -> bool:
+    d = p if isinstance(p, dict) else p.model_dump()
+    return d.get("method") == "autoround"
 
 
 def tuned(p: Any) -> bool:
@@ -139,6 +167,8 @@ def label(p: Any) -> str:
     """What names the variant, its branch and its file: Q4_K_M, Q4_K_M-noimatrix, Q4_K_M_tuned, tuned-3.50bpw.
     A tuned file reads to the Hub's label rule as its own tag (Q4_K_M_TUNED), never as the stock type's."""
     d = p if isinstance(p, dict) else p.model_dump()
+    if d.get("method") == "autoround":
+        return f"{d['quant']}_autoround"
     if d.get("mix") == "tuned":
         return f"{d['quant']}_tuned" if d.get("quant") else f"tuned-{float(d['target_bpw']):.2f}bpw"
     return f"{d['quant']}{suffix_of(d)}"
@@ -148,7 +178,7 @@ def uses_imatrix(p: Any) -> bool:
     """Whether llama.cpp used the importance matrix for this type (it ignores it for 8-bit and
     floats). `p`: the params model or their dict (the card's rows)."""
     d = p if isinstance(p, dict) else p.model_dump()
-    return bool(d.get("imatrix")) and d.get("quant") not in NO_IMATRIX_USE
+    return bool(d.get("imatrix")) and d.get("quant") not in NO_IMATRIX_USE and d.get("method") != "autoround"
 
 
 def suffix_of(d: dict[str, Any]) -> str:
@@ -162,6 +192,8 @@ def check_params(v: Variant[GGUFParams], raise_: bool = True) -> tuple[str, bool
     if quant not in GGUF_TYPES:
         if raise_:
             raise EngineError("gguf", f"unknown GGUF type {quant}", v.name)
+        return quant, False
+    if autoround(v.params):  # AutoRound weighs rounding by its own imatrix, from the same windows
         return quant, False
     use = bool(v.params.imatrix) and quant not in NO_IMATRIX_USE
     if GGUF_TYPES[quant][1] and not use and raise_:

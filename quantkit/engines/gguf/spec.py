@@ -8,7 +8,7 @@ from typing import Any
 from ... import formats as f
 from .estimate import llama_cpp_overhead
 from .files import first_shard, hub_quant_label, include_pattern, shards
-from .params import GGUFParams, ftype, label, tuned, use_case, uses_imatrix
+from .params import GGUFParams, autoround, ftype, label, tuned, use_case, uses_imatrix
 
 
 def gguf_file(row: f.CardRow) -> str:
@@ -23,6 +23,8 @@ def _file_link(r: f.CardRow) -> str:
 
 def _quant_method(r: f.CardRow) -> str:
     p = dict(r.params)
+    if autoround(p):
+        return f"{p.get('quant')}, AutoRound"
     if tuned(p):
         return f"tuned mix at {ftype(p)} size, imatrix" if p.get("quant") else \
             f"tuned mix at {p['target_bpw']:.2f} bits per weight, imatrix"
@@ -39,7 +41,15 @@ def card_names(row: f.CardRow, rows: list[f.CardRow]) -> dict[str, Any]:
     # gguf_files: the model's files in load order (one, or every shard); gguf_include: a glob for
     # `hf download REPO --include` that fetches exactly those.
     return {"gguf_file": name, "quant_tag": "" if shared else tag, "file_tag": tag,
-            "gguf_files": shards(files), "gguf_include": include_pattern(files), "tuned_mixes": _tuned_rows(rows)}
+            "gguf_files": shards(files), "gguf_include": include_pattern(files), "tuned_mixes": _tuned_rows(rows),
+            "autoround_files": _autoround_rows(rows)}
+
+
+def _autoround_rows(rows: list[f.CardRow]) -> list[dict[str, Any]]:
+    """How each AutoRound file was made: its settings as run, its quantizer, its time."""
+    return [{"branch": r.variant.branch, "file": gguf_file(r), "made_with": r.record.notes.get("made_with", ""),
+             "quantizer": r.record.notes.get("quantizer", ""), "seconds": r.record.seconds}
+            for r in rows if autoround(dict(r.params))]
 
 
 def _tuned_rows(rows: list[f.CardRow]) -> list[dict[str, Any]]:
@@ -59,6 +69,8 @@ def _branch_name(p: GGUFParams) -> str:
 
 
 def _describe(p: Any) -> str:
+    if autoround(dict(p)):
+        return f"llama.cpp {p['quant']} with AutoRound's tuned rounding (its own packer)"
     if tuned(dict(p)):
         return f"llama.cpp types per tensor, chosen on the importance matrix within the {label(dict(p))} budget"
     return f"llama.cpp {p['quant']}" + (", with importance matrix" if uses_imatrix(dict(p)) else "")
@@ -67,12 +79,14 @@ def _describe(p: Any) -> str:
 def _use_case(r: f.CardRow) -> str:
     p = dict(r.params)
     stock = use_case(ftype(p))
+    if autoround(p):
+        return f"{stock}; rounding tuned on the calibration language"
     return f"{stock}; per-tensor types tuned on the calibration language" if tuned(p) else stock
 
 
 SPEC = f.FormatSpec(
     name="gguf", repo_suffix="GGUF", params=GGUFParams, variant_name=_variant_name, branch_name=_branch_name,
-    name_keys=frozenset({"quant", "mix", "target_bpw"}),
+    name_keys=frozenset({"quant", "mix", "target_bpw", "method"}),
     # TheBloke's GGUF table (Name, Quant method, Bits, Size, Max RAM required, Use case) plus
     # measured quality and the variant's own branch.
     columns=(f.Column("Name", _file_link), f.Column("Quant method", _quant_method),

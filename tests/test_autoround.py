@@ -1,0 +1,136 @@
+"""AutoRound as a method of the GGUF and GPTQ formats: the recipe's settings and names, and the
+whole path on the tiny model: AutoRound GGUF (its own packer) and GPTQ built beside a stock
+llama.cpp type, loaded and scored as the stock files are, carded, published to the local Hub."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from _hub_fixtures import hub  # noqa: F401 - the local Hub server fixture
+from quantkit import toolchain as llamacpp
+from quantkit.cli import app
+from quantkit.engines import _autoround as ar
+from quantkit.engines.gguf import hub_quant_label, read_header
+from quantkit.engines.gguf.header import file_type_of
+from quantkit.errors import EngineUnavailable, RecipeError
+from quantkit.manifest import load_manifest
+from quantkit.plan import make_plan
+from quantkit.recipe import parse_recipe
+from quantkit.testing.hub_server import HubServer
+
+
+def _recipe_error(variants: str) -> str:
+    with pytest.raises(RecipeError) as e:
+        parse_recipe(f'[model]\nsource = "x/y"\n{variants}', check_source=False)
+    return str(e.value)
+
+
+def test_autoround_variants_are_named_by_their_method_and_refuse_what_it_cannot_write() -> None:
+    r = parse_recipe('[model]\nsource = "x/y"\n[[variants]]\nformat = "gguf"\nquant = ["Q2_K_S", "Q4_K_M"]\n'
+                     'method = "autoround"\nautoround = { preset = "best", iters = 20 }\n'
+                     '[[variants]]\nformat = "gguf"\nquant = "Q4_K_M"\n'
+                     '[[variants]]\nformat = "gptq"\nbits = [4, 2]\ngroup_size = 64\nmethod = "autoround"\n'
+                     '[[variants]]\nformat = "gptq"\nbits = 4\ngroup_size = 64\n', check_source=False)
+    plan = {v.name: v for v in make_plan(r, Path("out")).variants}
+    assert sorted(plan) == ["gguf-Q2_K_S_autoround", "gguf-Q4_K_M", "gguf-Q4_K_M_autoround",
+                            "gptq-2bit-64g-actorder_False-autoround", "gptq-4bit-64g-actorder_False-autoround",
+                            "gptq-4bit-64g-actorder_True"]
+    assert plan["gguf-Q2_K_S_autoround"].params.model_dump()["autoround"] == {"preset": "best", "iters": 20}
+    # stock variants dump as before: their cache keys, manifests and cards are unchanged
+    assert set(plan["gguf-Q4_K_M"].params.model_dump()) == {"quant", "imatrix", "split_max_size"}
+    assert "method" not in plan["gptq-4bit-64g-actorder_True"].params.model_dump()
+    # the Hub's label rule: a K_M file keeps its own tag; Q2_K_S reads as the stock type's (card names the file)
+    assert hub_quant_label("m.Q4_K_M_autoround.gguf") == "Q4_K_M_AUTOROUND"
+    assert "its 2-bit K type is Q2_K_S" in _recipe_error(
+        '[[variants]]\nformat = "gguf"\nquant = "Q2_K"\nmethod = "autoround"\n')
+    assert "not IQ4_XS" in _recipe_error('[[variants]]\nformat = "gguf"\nquant = "IQ4_XS"\nmethod = "autoround"\n')
+    assert "drop mix" in _recipe_error(
+        '[[variants]]\nformat = "gguf"\nmix = "tuned"\ntarget = "Q4_K_M"\nmethod = "autoround"\n')
+    assert 'need method = "autoround"' in _recipe_error(
+        '[[variants]]\nformat = "gguf"\nquant = "Q4_K_M"\nautoround = { iters = 5 }\n')
+    assert "does not reorder columns" in _recipe_error(
+        '[[variants]]\nformat = "gptq"\nact_order = true\nmethod = "autoround"\n')
+    assert "preset" in _recipe_error(
+        '[[variants]]\nformat = "gptq"\nmethod = "autoround"\nautoround = { preset = "fast" }\n')
+
+
+def test_settings_resolve_against_the_calibration_windows() -> None:
+    windows = np.zeros((16, 256), dtype=np.int32)
+    t = ar.resolve(None, windows)
+    assert (t.iters, t.lr, t.nsamples, t.seq_len, t.batch_size) == (50, 5e-3, 16, 256, 8)  # light, cut to 16
+    t = ar.resolve(ar.AutoRoundSettings(preset="default", seq_len=4096, lr=1e-3), windows)
+    assert (t.iters, t.lr, t.seq_len) == (200, 1e-3, 256)  # never longer than a window: AutoRound would skip it
+    assert "200 iterations, lr 0.001; 16 x 256" in t.describe()
+
+
+MIXED = """[model]
+source = "{model}"
+name = "tiny"
+base_model = "quantkit/tiny-llama"
+[calibration]
+samples = 8
+seq_len = 128
+[evaluation]
+tokens = 512
+ctx = 128
+qa_items = 0
+[publish]
+owner = "me"
+[[variants]]
+format = "gguf"
+quant = "Q4_K_M"
+[[variants]]
+format = "gguf"
+quant = ["Q2_K_S", "Q4_K_M"]
+method = "autoround"
+autoround = {{ iters = 2, nsamples = 4 }}
+[[variants]]
+format = "gptq"
+bits = 4
+group_size = 128
+method = "autoround"
+autoround = {{ iters = 2, nsamples = 4 }}
+"""
+
+
+@pytest.mark.slow
+def test_a_recipe_mixing_stock_and_autoround_builds_scores_and_publishes(tiny_llama: Path, tmp_path: Path,
+                                                                          hub: HubServer) -> None:  # noqa: F811
+    if importlib.util.find_spec("auto_round") is None:
+        pytest.skip("auto-round is not installed: " + ar.EXTRA)
+    try:
+        llamacpp.find_toolchain()
+    except EngineUnavailable as e:
+        pytest.skip(str(e))
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text(MIXED.format(model=tiny_llama))
+    out = tmp_path / "build"
+    res = CliRunner().invoke(app, ["build", str(recipe), "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    m = load_manifest(out)
+    assert m is not None
+    for t in ("Q2_K_S", "Q4_K_M"):
+        rec = m.variants[f"gguf-{t}_autoround"]
+        path = out / f"gguf-{t}_autoround" / f"tiny.{t}_autoround.gguf"
+        kv = read_header(path)["kv"]
+        assert kv["general.file_type"] == file_type_of(t)  # the type it is named by
+        assert (kv["general.name"], kv["general.quantized_by"]) == ("tiny", "me")  # our metadata, not AutoRound's
+        # scored through llama.cpp, as the stock file is; made by AutoRound, as its notes say
+        assert rec.quality is not None and rec.quality.kld is not None and rec.quality.kld > 0
+        assert rec.notes["quantizer"].startswith("auto-round") and rec.notes["tuning"]["iters"] == 2
+    gptq = m.variants["gptq-4bit-128g-actorder_False-autoround"]
+    assert gptq.quality is not None and gptq.quality.kld is not None and gptq.notes["method"] == "autoround"
+    res = CliRunner().invoke(app, ["publish", str(recipe), "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    main = set(hub.files("me/tiny-GGUF", "main"))
+    assert {"tiny.Q4_K_M.gguf", "tiny.Q2_K_S_autoround.gguf", "tiny.Q4_K_M_autoround.gguf"} <= main
+    card = hub.files("me/tiny-GGUF", "Q4_K_M_autoround")["README.md"].decode()
+    assert "### AutoRound files" in card and "AutoRound light (2 iterations, lr 0.005; 4 x 128" in card
+    assert "llama-cli -hf me/tiny-GGUF:Q4_K_M_AUTOROUND" in card
+    gcard = hub.files("me/tiny-GPTQ", "main")["README.md"].decode()
+    assert "4-bit, AutoRound, group size 128" in gcard and "auto-round 0.16.1" in gcard
