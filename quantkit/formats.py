@@ -64,6 +64,17 @@ def one_of(v: Any, allowed: tuple[Any, ...]) -> Any:
     return v
 
 
+def _damp(v: float) -> float:
+    if not 0 < v < 1:
+        raise ValueError("must be between 0 and 1 (exclusive), e.g. 0.1 for 10 %")
+    return v
+
+
+# Settings fields the GPTQ-style formats share: `group_size: f.GroupSize = 128`, `damp: f.Damp = 0.1`.
+GroupSize = Annotated[int, AfterValidator(lambda v: one_of(v, GROUP_SIZES))]
+Damp = Annotated[float, AfterValidator(_damp)]  # GPTQ's dampening, a fraction of the Hessian's mean diagonal
+
+
 # ---------------------------------------------------------------- card pieces
 
 

@@ -31,7 +31,7 @@ AUTOAWQ_PARALLEL_SAMPLES = 8  # AutoAWQ runs all samples at once by default: a m
 
 class AWQParams(f.ParamsModel):
     bits: int = 4
-    group_size: int = 128
+    group_size: f.GroupSize = 128
     zero_point: bool = True
     engine: Literal["gptqmodel", "autoawq"] = "gptqmodel"
     split_max_size: f.SizeSetting = f.SPLIT_DEFAULT  # larger weights become safetensors shards
@@ -40,11 +40,6 @@ class AWQParams(f.ParamsModel):
     @classmethod
     def _check_bits(cls, v: int) -> int:
         return f.one_of(v, (4,))
-
-    @field_validator("group_size")
-    @classmethod
-    def _check_group_size(cls, v: int) -> int:
-        return f.one_of(v, f.GROUP_SIZES)
 
 
 def _describe(p: Mapping[str, Any]) -> str:

@@ -31,7 +31,7 @@ from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any, Literal, cast
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 
 from .. import formats as f
 from ..errors import EngineError, EngineUnavailable
@@ -59,23 +59,11 @@ IGNORE = ["lm_head"]  # vLLM/RedHatAI keep the head unquantized; embeddings are 
 
 class CTParams(f.ParamsModel):
     scheme: Literal["W4A16", "W8A8-FP8", "NVFP4A16", "NVFP4"] = "W4A16"
-    group_size: int = 128  # W4A16: weights per scale; -1 one scale per output channel
+    group_size: f.GroupSize = 128  # W4A16: weights per scale; -1 one scale per output channel
     act_order: bool = True  # W4A16: GPTQ in order of activation size ("weight" ordering, no g_idx)
-    damp: float = 0.1  # W4A16: GPTQ's dampening, as a fraction of the Hessian's mean diagonal
+    damp: f.Damp = 0.1  # W4A16: GPTQ's dampening, as a fraction of the Hessian's mean diagonal
     seq_len: int | None = Field(None, ge=16)  # None: [calibration] seq_len
     split_max_size: f.SizeSetting = f.SPLIT_DEFAULT  # larger weights become safetensors shards
-
-    @field_validator("group_size")
-    @classmethod
-    def _check_group_size(cls, v: int) -> int:
-        return f.one_of(v, f.GROUP_SIZES)
-
-    @field_validator("damp")
-    @classmethod
-    def _damp_range(cls, v: float) -> float:
-        if not 0 < v < 1:
-            raise ValueError("must be between 0 and 1 (exclusive), e.g. 0.1 for 10 %")
-        return v
 
     @model_validator(mode="after")
     def _w4a16_settings(self) -> CTParams:

@@ -30,9 +30,9 @@ AUTOGPTQ_EXTRA = "pip install 'quantkit-workbench[auto-gptq]'"
 
 class GPTQParams(f.ParamsModel):
     bits: int = 4
-    group_size: int = 128
+    group_size: f.GroupSize = 128
     act_order: bool = True
-    damp: float = 0.1
+    damp: f.Damp = 0.1
     sym: bool = True
     true_sequential: bool = True
     seq_len: int | None = Field(None, ge=16)  # None: [calibration] seq_len
@@ -79,18 +79,6 @@ class GPTQParams(f.ParamsModel):
     @classmethod
     def _check_bits(cls, v: int) -> int:
         return f.one_of(v, (2, 3, 4, 8))
-
-    @field_validator("group_size")
-    @classmethod
-    def _check_group_size(cls, v: int) -> int:
-        return f.one_of(v, f.GROUP_SIZES)
-
-    @field_validator("damp")
-    @classmethod
-    def _damp_range(cls, v: float) -> float:
-        if not 0 < v < 1:
-            raise ValueError("must be between 0 and 1 (exclusive), e.g. 0.1 for 10 %")
-        return v
 
 
 _LLAMA_LIKE = ("LlamaForCausalLM", "MistralForCausalLM")
