@@ -36,11 +36,13 @@ def compare(ref_lp: np.ndarray, logits: np.ndarray, targets: np.ndarray) -> RowS
 
     vocab = min(ref_lp.shape[-1], logits.shape[-1])
     with torch.inference_mode():
-        q = torch.log_softmax(_tensor(logits[:, :vocab]), dim=-1)
+        x = _tensor(logits[:, :vocab])
+        q = torch.log_softmax(x, dim=-1)
         p = _tensor(ref_lp[:, :vocab])
         kld = torch.nn.functional.kl_div(q, p, reduction="none", log_target=True).sum(-1, dtype=torch.float64)
         rows, t = torch.arange(len(targets)), torch.as_tensor(np.asarray(targets, dtype=np.int64))
-        same = int((p.argmax(-1) == q.argmax(-1)).sum())
+        # the variant's top token from its logits: log-softmax's rounding can tie near-equal ones
+        same = int((p.argmax(-1) == x.argmax(-1)).sum())
         return RowStats(kld.numpy(), q[rows, t].double().numpy(), p[rows, t].double().numpy(), same)
 
 
