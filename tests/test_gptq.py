@@ -133,6 +133,21 @@ def test_calibration_examples_cut_to_seq_len() -> None:
     assert len(gm.calibration_examples(w, 100)[0]["input_ids"]) == 6  # longer: windows as they are
 
 
+def test_log_notes_do_not_depend_on_the_order_modules_finished(tmp_path: Path) -> None:
+    """GPTQModel's CPU workers log modules as they finish; a rebuild must write the same card."""
+    # 14 modules whose np.mean differs in the last digits between these orders
+    losses = [0.00013523, 0.00084759, 0.00076401, 0.00025581, 0.00049594, 0.00045004, 0.00065194,
+              0.00078893, 9.477e-05, 2.932e-05, 0.00083593, 0.00043333, 0.00076252, 3.1e-06]
+    notes = []
+    for order in (losses, losses[::-1], sorted(losses)):
+        log = tmp_path / "log.csv"
+        log.write_text("layer,module,loss,damp\n" + "".join(f"0,m{i},{x!r},0.01\n" for i, x in enumerate(order)))
+        notes.append(gm._log_notes(log))
+    assert notes[0] == notes[1] == notes[2]
+    assert notes[0]["mean_module_loss"] == pytest.approx(sum(losses) / len(losses), rel=1e-5)
+    assert notes[0]["quantized_modules"] == len(losses)
+
+
 def test_version_names_gptqmodel() -> None:
     assert GPTQ.version().startswith("gptqmodel 7.")
 
