@@ -105,10 +105,10 @@ demo_model() {
     "$PY" -m quantkit.demo "$1" >/dev/null
 }
 
-write_recipe() {  # $1: recipe file, $2: model folder; the variants the table shows
-    cat > "$1" <<EOF
+recipe_head() {  # $1: model folder; the model, calibration and evaluation both recipes share
+    cat <<EOF
 [model]
-source = "$2"
+source = "$1"
 name = "SmolLM2-135M-Instruct"
 
 [calibration]            # the German sample shipped in calibration/
@@ -118,6 +118,12 @@ seq_len = 512
 [evaluation]
 tokens = 4096
 ctx = 512
+EOF
+}
+
+write_recipe() {  # $1: recipe file, $2: model folder; the variants the table shows
+    recipe_head "$2" > "$1"
+    cat >> "$1" <<EOF
 
 [[variants]]
 format = "gptq"
@@ -213,18 +219,8 @@ run() {
 # ---------------------------------------------------------------- device: vLLM on compressed-tensors
 
 write_ct_recipe() {  # $1: recipe file, $2: model folder
-    cat > "$1" <<EOF
-[model]
-source = "$2"
-name = "SmolLM2-135M-Instruct"
-
-[calibration]
-samples = 32
-seq_len = 512
-
-[evaluation]
-tokens = 4096
-ctx = 512
+    recipe_head "$2" > "$1"
+    cat >> "$1" <<EOF
 
 [[variants]]
 format = "compressed-tensors"

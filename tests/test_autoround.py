@@ -17,17 +17,12 @@ from quantkit.cli import app
 from quantkit.engines import _autoround as ar
 from quantkit.engines.gguf import hub_quant_label, read_header
 from quantkit.engines.gguf.header import file_type_of
-from quantkit.errors import EngineUnavailable, RecipeError
+from quantkit.errors import EngineUnavailable
 from quantkit.manifest import load_manifest
 from quantkit.plan import make_plan
 from quantkit.recipe import parse_recipe
+from quantkit.testing.bad_inputs import recipe_error as _recipe_error
 from quantkit.testing.hub_server import HubServer
-
-
-def _recipe_error(variants: str) -> str:
-    with pytest.raises(RecipeError) as e:
-        parse_recipe(f'[model]\nsource = "x/y"\n{variants}', check_source=False)
-    return str(e.value)
 
 
 def test_autoround_variants_are_named_by_their_method_and_refuse_what_it_cannot_write() -> None:

@@ -24,10 +24,11 @@ from quantkit.engines.gguf import BASE, IMATRIX, SENSITIVITY, GGUFEngine, hub_qu
 from quantkit.engines.gguf.ggml import quantize_rows, stored_type
 from quantkit.engines.gguf.header import tensor
 from quantkit.engines.gguf.mix import CANDIDATES, Probe, Sensitivity, allocate, importance, sample, summary, tunable
-from quantkit.errors import EngineError, EngineUnavailable, RecipeError
+from quantkit.errors import EngineError, EngineUnavailable
 from quantkit.manifest import load_manifest
 from quantkit.plan import make_plan
 from quantkit.recipe import parse_recipe
+from quantkit.testing.bad_inputs import recipe_error as _recipe_error
 from quantkit.testing.hub_server import HubServer
 from test_gguf import make_ctx, run_steps, variant
 
@@ -38,12 +39,6 @@ def toolchain() -> llamacpp.Toolchain:
         return llamacpp.find_toolchain()
     except EngineUnavailable as e:
         pytest.skip(str(e))
-
-
-def _recipe_error(variants: str) -> str:
-    with pytest.raises(RecipeError) as e:
-        parse_recipe(f'[model]\nsource = "x/y"\n{variants}', check_source=False)
-    return str(e.value)
 
 
 def test_a_tuned_variant_names_its_budget_once() -> None:

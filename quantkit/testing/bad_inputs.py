@@ -152,3 +152,16 @@ def _snapshot(root: Path) -> dict[str, tuple[int, int]]:
     """Files by size and mtime; folders by existence (a lock file come and gone touches their mtime)."""
     return {str(p.relative_to(root)): (0, 0) if p.is_dir() and not p.is_symlink() else
             (p.lstat().st_size, p.lstat().st_mtime_ns) for p in root.rglob("*")}
+
+
+def recipe_error(variants: str) -> str:
+    """The one-line error a recipe with just these `[[variants]]` tables gets (the source is
+    not looked at); AssertionError when it parses."""
+    from quantkit.errors import RecipeError
+    from quantkit.recipe import parse_recipe
+
+    try:
+        parse_recipe(f'[model]\nsource = "x/y"\n{variants}', check_source=False)
+    except RecipeError as e:
+        return str(e)
+    raise AssertionError(f"the recipe parsed: {variants!r}")
