@@ -151,7 +151,7 @@ def test_the_terminal_gets_our_lines_and_build_log_the_rest(tiny_llama: Path, tm
 
     r = tmp_path / "r.toml"
     r.write_text(f'[model]\nsource = "{tiny_llama}"\nname = "tiny"\n[calibration]\nsamples = 8\nseq_len = 128\n'
-                 '[evaluation]\ntokens = 1024\nctx = 128\n[[variants]]\nformat = "gptq"\nbits = 4\ngroup_size = 32\n'
+                 '[evaluation]\ntokens = 1024\nctx = 128\nqa_items = 8\n[[variants]]\nformat = "gptq"\nbits = 4\ngroup_size = 32\n'
                  '[[variants]]\nformat = "gguf"\nquant = "Q4_K_M"\n')
     res = subprocess.run([sys.executable, "-m", "quantkit.cli", "build", str(r), "--out", str(tmp_path / "b")],
                          capture_output=True, text=True, timeout=900,

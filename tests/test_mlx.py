@@ -296,7 +296,7 @@ def test_mlx_variants_through_quantkit_build(tiny_llama: Path, tmp_path: Path) -
 
     recipe = tmp_path / "recipe.toml"
     recipe.write_text(f'[model]\nsource = "{tiny_llama}"\nname = "tiny"\n[calibration]\nsamples = 8\n'
-                      'seq_len = 128\n[evaluation]\ntokens = 1024\nctx = 128\n[publish]\nowner = "me"\n'
+                      'seq_len = 128\n[evaluation]\ntokens = 1024\nctx = 128\nqa_items = 8\n[publish]\nowner = "me"\n'
                       '[[variants]]\nformat = "mlx"\nbits = [4, 8]\ngroup_size = 64\nmethod = "rtn"\n')
     out = tmp_path / "build"
     res = CliRunner().invoke(app, ["build", str(recipe), "--out", str(out)])

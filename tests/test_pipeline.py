@@ -27,7 +27,7 @@ QUANTKIT = [sys.executable, "-m", "quantkit.cli"]
 def _recipe(tmp_path: Path, model: Path, variants: str) -> Path:
     r = tmp_path / "recipe.toml"
     r.write_text(f'[model]\nsource = "{model}"\nname = "tiny"\n[calibration]\nsamples = 8\nseq_len = 128\n'
-                 f'[evaluation]\ntokens = 1024\nctx = 128\n[publish]\nowner = "me"\n{variants}')
+                 f'[evaluation]\ntokens = 1024\nctx = 128\nqa_items = 8\n[publish]\nowner = "me"\n{variants}')
     return r
 
 

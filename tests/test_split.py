@@ -284,7 +284,7 @@ def test_a_build_of_a_split_variant_lands_every_shard(tiny_llama: Path, tmp_path
 
     recipe = tmp_path / "r.toml"
     recipe.write_text(f'[model]\nsource = "{tiny_llama}"\nname = "tiny-llama"\n[calibration]\nsamples = 4\n'
-                      'seq_len = 128\n[evaluation]\ntokens = 512\nctx = 128\n[[variants]]\nformat = "gguf"\n'
+                      'seq_len = 128\n[evaluation]\ntokens = 512\nctx = 128\nqa_items = 8\n[[variants]]\nformat = "gguf"\n'
                       'quant = "Q8_0"\nsplit_max_size = "2M"\n')
     res = CliRunner().invoke(app, ["build", str(recipe), "--out", str(tmp_path / "b")])
     assert res.exit_code == 0, res.output

@@ -44,6 +44,7 @@ seq_len = 128
 [evaluation]
 tokens = 1024
 ctx = 128
+qa_items = 8
 [publish]
 owner = "me"
 [[variants]]
