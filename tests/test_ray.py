@@ -228,8 +228,11 @@ def test_ctrl_c_cancels_the_tasks_and_stops_the_cluster(tiny_llama: Path, tmp_pa
     recipe = _recipe(tmp_path, tiny_llama, TWO_GPTQ)
     out = tmp_path / "out"
     before = _ray_pids()
+    # A job a shell started in the background inherits Ctrl-C ignored, and so would the build:
+    # the build gets the terminal's default, as a user's foreground build has.
     proc = subprocess.Popen([*QUANTKIT, "build", str(recipe), "--out", str(out), "--ray"], env=_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         t0 = time.time()
         while not list(out.glob(".gptq-*.partial")):  # a variant is being built on a worker

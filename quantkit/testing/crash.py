@@ -23,7 +23,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from quantkit.lock import LOCK_NAME
 from quantkit.manifest import State, load_manifest
@@ -156,6 +156,7 @@ class KillResult:
     kill: int
     at: float  # seconds after the build started
     killed: bool  # False: the build had ended before that moment
+    lasted: float  # seconds the run lived: to the kill, or to its end when it was not killed
     phase: str  # the last line the build printed before it died
     done_at_kill: tuple[str, ...]  # variants evaluated (finished) at the kill
     built_at_kill: tuple[str, ...]  # variants the manifest recorded as built at the kill
@@ -168,24 +169,26 @@ class KillResult:
     differences: tuple[str, ...]  # final files or manifest vs the uninterrupted build
 
 
-def _kill_at(recipe: Path, out: Path, log: Path, at: float, group: bool, after: str | None) -> bool:
+def _kill_at(recipe: Path, out: Path, log: Path, at: float, group: bool, after: str | None) -> tuple[bool, float]:
     """Kill `at` seconds after the start, or after the build printed a line matching `after`.
     group: the build and the llama.cpp tools it runs (a crash, a closed terminal); else the
-    build's own process only (the OOM killer, `kill -9 PID`): its children run on."""
+    build's own process only (the OOM killer, `kill -9 PID`): its children run on.
+    (killed, seconds the run lived)."""
+    t0 = time.monotonic()
     p = start_build(recipe, out, log)
     if after is not None and not _wait_for_line(p, log, after):
         p.wait()
-        return False
+        return False, time.monotonic() - t0
     try:
         p.wait(timeout=at)
-        return False  # it ended first (a run can be faster than the reference)
+        return False, time.monotonic() - t0  # it ended first (a run can be faster than the reference)
     except subprocess.TimeoutExpired:
         if group:
             os.killpg(p.pid, signal.SIGKILL)
         else:
             p.send_signal(signal.SIGKILL)
     p.wait()
-    return True
+    return True, time.monotonic() - t0
 
 
 def _state_at_kill(out: Path, ref: Reference) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
@@ -232,7 +235,7 @@ def crash_once(root: Path, recipe: Path, ref: Reference, kill: int, at: float, *
                after: str | None = None) -> KillResult:
     """One kill (at `at` s, or `at` s after a line matching `after`) and the re-run."""
     out, log = root / f"kill{kill}", root / f"kill{kill}.log"
-    killed = _kill_at(recipe, out, log, at, group, after)
+    killed, lasted = _kill_at(recipe, out, log, at, group, after)
     lines = log.read_text(errors="replace").strip().splitlines()
     done, built, broken = _state_at_kill(out, ref)
     lock_left = (out / LOCK_NAME).exists()
@@ -244,7 +247,7 @@ def crash_once(root: Path, recipe: Path, ref: Reference, kill: int, at: float, *
     now = _mtimes(out)
     rewritten = tuple(sorted({p.split("/")[0] for p, t in before.items()
                               if not p.endswith("README.md") and now.get(p) != t}))
-    return KillResult(kill, round(at, 2), killed, lines[-1].strip() if lines else "", done, built, broken, lock_left,
+    return KillResult(kill, round(at, 2), killed, round(lasted, 2), lines[-1].strip() if lines else "", done, built, broken, lock_left,
                       rc, started, rewritten, "note: took over the lock" in text,
                       _differences(out, ref) if rc == 0 else ("re-run failed: " + text[-500:],))
 
@@ -253,13 +256,33 @@ def crash_once(root: Path, recipe: Path, ref: Reference, kill: int, at: float, *
 AFTER_VARIANT = (rf"^✓ {VARIANTS[0]} ", r"^✓ gguf-Q4_K_M ")
 
 
-def kill_moments(n: int, seed: int, seconds: float) -> list[float]:
-    """One seeded random moment in each n-th of the build's duration: random, yet spread over
-    every stage (uniform draws bunch up and miss the short last stages)."""
+def kill_fractions(n: int, seed: int) -> list[float]:
+    """One seeded random fraction of the build's duration in each n-th: random, yet spread
+    over every stage (uniform draws bunch up and miss the short last stages)."""
     rng = random.Random(seed)
-    # 90 % of the reference's duration: on a shared machine a re-run may be faster than the
-    # reference was, and a moment past its end kills nothing.
-    return [(i + rng.random()) * 0.9 * seconds / n for i in range(n)]
+    # 90 % of the duration: a moment at the very end kills nothing.
+    return [(i + rng.random()) * 0.9 / n for i in range(n)]
+
+
+RETRY = 1000  # folder number offset of a kill tried again
+
+
+def random_kills(root: Path, ref: Reference, n: int, seed: int, *, first: int = 0,
+                 group: bool = True, done: Callable[[KillResult], None] = lambda r: None) -> list[KillResult]:
+    """n kills at seeded moments, each into its own folder (kill<first + i>) and re-run.
+    A build that ended before its moment measured how long builds take now (a shared
+    machine's load changes between the reference and the kills): that moment is tried
+    again, once, on the new duration (folder kill<first + i + RETRY>)."""
+    recipe, seconds, out = root / "recipe.toml", ref.seconds, []
+    for i, f in enumerate(kill_fractions(n, seed)):
+        r = crash_once(root, recipe, ref, first + i, f * seconds, group=group)
+        if not r.killed:
+            seconds = r.lasted
+            r = crash_once(root, recipe, ref, first + i + RETRY, f * seconds, group=group)
+        out.append(r)
+        done(r)
+    return out
+
 
 
 def problems(r: KillResult) -> list[str]:
