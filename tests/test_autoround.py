@@ -5,6 +5,9 @@ llama.cpp type, loaded and scored as the stock files are, carded, published to t
 from __future__ import annotations
 
 import importlib.util
+import os
+import signal
+import time
 from pathlib import Path
 
 import numpy as np
@@ -18,10 +21,11 @@ from quantkit.engines import _autoround as ar
 from quantkit.engines.gguf import hub_quant_label, read_header
 from quantkit.engines.gguf.header import file_type_of
 from quantkit.errors import EngineUnavailable
-from quantkit.manifest import load_manifest
+from quantkit.manifest import State, load_manifest
 from quantkit.plan import make_plan
 from quantkit.recipe import parse_recipe
 from quantkit.testing.bad_inputs import recipe_error as _recipe_error
+from quantkit.testing.crash import run_build, start_build
 from quantkit.testing.hub_server import HubServer
 
 
@@ -129,3 +133,77 @@ def test_a_recipe_mixing_stock_and_autoround_builds_scores_and_publishes(tiny_ll
     assert "llama-cli -hf me/tiny-GGUF:Q4_K_M_AUTOROUND" in card
     gcard = hub.files("me/tiny-GPTQ", "main")["README.md"].decode()
     assert "4-bit, AutoRound, group size 128" in gcard and "auto-round 0.16.1" in gcard
+
+
+KILLED = """[model]
+source = "{model}"
+name = "tiny"
+[calibration]
+samples = 8
+seq_len = 128
+[evaluation]
+tokens = 512
+ctx = 128
+qa_items = 0
+[[variants]]
+format = "gguf"
+quant = "Q8_0"
+[[variants]]
+format = "gguf"
+quant = "Q4_K_M"
+method = "autoround"
+autoround = {{ iters = 2, nsamples = 4 }}
+"""
+
+
+def _autoround_children(out: Path) -> list[int]:
+    """PIDs of AutoRound child processes working for the build into `out`."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        try:
+            cmd = (d / "cmdline").read_bytes().decode(errors="replace").split("\0")
+        except OSError:  # gone meanwhile, or not a process
+            continue
+        if "quantkit.engines._autoround" in cmd and any(str(out) in a for a in cmd):
+            pids.append(int(d.name))
+    return pids
+
+
+def _weights(folder: Path) -> dict[str, int]:
+    """mtimes of a variant's files other than its card and picture (each build rewrites those:
+    they list every variant)."""
+    return {f.name: f.stat().st_mtime_ns for f in folder.iterdir() if f.suffix not in (".md", ".png")}
+
+
+@pytest.mark.slow
+def test_a_build_killed_while_autoround_tunes_leaves_no_child_and_resumes(tiny_llama: Path, tmp_path: Path) -> None:
+    """`kill -9` of the build alone (as the OOM killer does) while AutoRound's child tunes: the
+    child dies with it; the re-run keeps the finished stock file and builds the AutoRound one."""
+    if importlib.util.find_spec("auto_round") is None:
+        pytest.skip("auto-round is not installed: " + ar.EXTRA)
+    recipe, out = tmp_path / "recipe.toml", tmp_path / "build"
+    recipe.write_text(KILLED.format(model=tiny_llama))
+    p = start_build(recipe, out, tmp_path / "killed.log")
+    try:
+        t0 = time.monotonic()
+        while not (children := _autoround_children(out)):
+            assert p.poll() is None, (tmp_path / "killed.log").read_text()
+            assert time.monotonic() - t0 < 300
+            time.sleep(0.1)
+        stock = _weights(out / "gguf-Q8_0")
+        p.send_signal(signal.SIGKILL)  # the build's own process only
+        p.wait()
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+    t0 = time.monotonic()
+    while any(Path(f"/proc/{c}").exists() for c in children):  # PR_SET_PDEATHSIG
+        assert time.monotonic() - t0 < 10, "AutoRound's child outlived the killed build"
+        time.sleep(0.1)
+    assert run_build(recipe, out, tmp_path / "rerun.log") == 0, (tmp_path / "rerun.log").read_text()
+    rerun = (tmp_path / "rerun.log").read_text()
+    assert "▶ gguf-Q8_0 " not in rerun and "▶ gguf-Q4_K_M_autoround " in rerun
+    assert _weights(out / "gguf-Q8_0") == stock and stock
+    m = load_manifest(out)
+    assert m is not None and m.variants["gguf-Q4_K_M_autoround"].at_least(State.EVALUATED)
+    assert [f.name for f in out.iterdir() if f.name.endswith(".partial")] == []
