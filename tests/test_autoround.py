@@ -67,7 +67,7 @@ def test_settings_resolve_against_the_calibration_windows() -> None:
     assert "200 iterations, lr 0.001; 16 x 256" in t.describe()
 
 
-MIXED = """[model]
+HEAD = """[model]
 source = "{model}"
 name = "tiny"
 base_model = "quantkit/tiny-llama"
@@ -78,7 +78,8 @@ seq_len = 128
 tokens = 512
 ctx = 128
 qa_items = 0
-[publish]
+"""
+MIXED = HEAD + """[publish]
 owner = "me"
 [[variants]]
 format = "gguf"
@@ -135,17 +136,7 @@ def test_a_recipe_mixing_stock_and_autoround_builds_scores_and_publishes(tiny_ll
     assert "4-bit, AutoRound, group size 128" in gcard and "auto-round 0.16.1" in gcard
 
 
-KILLED = """[model]
-source = "{model}"
-name = "tiny"
-[calibration]
-samples = 8
-seq_len = 128
-[evaluation]
-tokens = 512
-ctx = 128
-qa_items = 0
-[[variants]]
+KILLED = HEAD + """[[variants]]
 format = "gguf"
 quant = "Q8_0"
 [[variants]]

@@ -178,7 +178,7 @@ class GGUFEngine(Engine[GGUFParams]):
         quant = check_params(variant, raise_=False)[0]
         e = variant_estimate(quant, shape, work, machine)
         if autoround(variant.params):  # AutoRound's run, writing the same bytes as the stock type
-            e = ar.estimate(shape, ar.planned(variant.params.autoround, work.calib_tokens), machine, e)
+            e = ar.estimate(shape, ar.planned(variant.params.autoround, work.calib_tokens), machine, e, gguf=True)
         return replace(e, files=output_files(quant, shape, f.parse_size(variant.params.split_max_size)))
 
     @contextmanager
