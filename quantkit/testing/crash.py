@@ -247,8 +247,8 @@ def crash_once(root: Path, recipe: Path, ref: Reference, kill: int, at: float, *
     now = _mtimes(out)
     rewritten = tuple(sorted({p.split("/")[0] for p, t in before.items()
                               if not p.endswith("README.md") and now.get(p) != t}))
-    return KillResult(kill, round(at, 2), killed, round(lasted, 2), lines[-1].strip() if lines else "", done, built, broken, lock_left,
-                      rc, started, rewritten, "note: took over the lock" in text,
+    return KillResult(kill, round(at, 2), killed, round(lasted, 2), lines[-1].strip() if lines else "", done, built,
+                      broken, lock_left, rc, started, rewritten, "note: took over the lock" in text,
                       _differences(out, ref) if rc == 0 else ("re-run failed: " + text[-500:],))
 
 
@@ -282,7 +282,6 @@ def random_kills(root: Path, ref: Reference, n: int, seed: int, *, first: int = 
         out.append(r)
         done(r)
     return out
-
 
 
 def problems(r: KillResult) -> list[str]:
