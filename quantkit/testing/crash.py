@@ -174,21 +174,19 @@ def _kill_at(recipe: Path, out: Path, log: Path, at: float, group: bool, after: 
     group: the build and the llama.cpp tools it runs (a crash, a closed terminal); else the
     build's own process only (the OOM killer, `kill -9 PID`): its children run on.
     (killed, seconds the run lived)."""
-    t0 = time.monotonic()
+    t0, killed = time.monotonic(), False
     p = start_build(recipe, out, log)
-    if after is not None and not _wait_for_line(p, log, after):
-        p.wait()
-        return False, time.monotonic() - t0
-    try:
-        p.wait(timeout=at)
-        return False, time.monotonic() - t0  # it ended first (a run can be faster than the reference)
-    except subprocess.TimeoutExpired:
-        if group:
-            os.killpg(p.pid, signal.SIGKILL)
-        else:
-            p.send_signal(signal.SIGKILL)
+    if after is None or _wait_for_line(p, log, after):
+        try:
+            p.wait(timeout=at)  # it may end first (a run can be faster than the reference)
+        except subprocess.TimeoutExpired:
+            killed = True
+            if group:
+                os.killpg(p.pid, signal.SIGKILL)
+            else:
+                p.send_signal(signal.SIGKILL)
     p.wait()
-    return True, time.monotonic() - t0
+    return killed, time.monotonic() - t0
 
 
 def _state_at_kill(out: Path, ref: Reference) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
