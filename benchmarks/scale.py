@@ -14,7 +14,7 @@ model (same machine, same run); and quantkit's own estimate (`quantkit plan`) ag
 measured peak.
 
 Usage: python benchmarks/scale.py [--layers 2 4 8] [--paths gguf gptq tuned ct] [--out DIR]
-       [--json FILE] [--no-tools-alone] [--keep]
+       [--json FILE] [--no-tools-alone] [--keep] [--light]
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from quantkit.testing import table
-from quantkit.testing.scale import GB, RECIPES, STAGES, estimate, random_llama, run_one
+from quantkit.testing.scale import FULL, GB, LIGHT, RECIPES, STAGES, estimate, random_llama, run_one
 
 # bf16 bytes of the published models the projection is for (parameters x 2).
 PROJECT = {"7B": 6.74e9 * 2, "13B": 13.0e9 * 2, "70B": 69.0e9 * 2}
@@ -108,6 +108,9 @@ def main() -> int:
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     ap.add_argument("--no-tools-alone", action="store_true")
     ap.add_argument("--keep", action="store_true", help="keep the build folders")
+    ap.add_argument("--light", action="store_true",
+                    help=f"tests/test_scale.py's work ({LIGHT.samples} windows, {LIGHT.qa_items} QA items) "
+                         f"instead of {FULL.samples} and {FULL.qa_items}")
     ap.add_argument("--report", type=Path, default=None,
                     help="print the tables of an earlier --json file again, with today's estimates")
     args = ap.parse_args()
@@ -119,7 +122,7 @@ def main() -> int:
         return 0
     results = []
     for path, layers in [(p, n) for p in args.paths for n in args.layers]:
-        results.append(run_one(path, layers, args))
+        results.append(run_one(path, layers, args, LIGHT if args.light else FULL))
         if args.json:  # after every run: a long benchmark keeps what it measured
             args.json.write_text(json.dumps(results, indent=1))
     report(results)

@@ -7,11 +7,17 @@ them (quantkit.testing.models builds them).
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
-from quantkit.testing.models import CALIB_DIR, build_smollm2, build_tiny_llama, cached, smollm2_name
+# pytest-xdist's workers start with COLUMNS=80, and the CLI honours COLUMNS: its tables (and
+# those of the builds tests start) would wrap at 80 instead of piped output's 160. No test
+# depends on the terminal it was started from.
+os.environ.pop("COLUMNS", None)
+
+from quantkit.testing.models import CALIB_DIR, build_smollm2, build_tiny_llama, cached, smollm2_name  # noqa: E402
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

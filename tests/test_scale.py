@@ -34,7 +34,7 @@ def toolchain_ready():
 def test_gguf_ladder_at_7b_widths_stays_within_a_quarter_of_the_weights_plus_2_gb(scale, toolchain_ready,
                                                                                   tmp_path):
     args = argparse.Namespace(out=tmp_path, no_tools_alone=True, keep=False)
-    r = scale.run_one("gguf", 4, args)
+    r = scale.run_one("gguf", 4, args, scale.LIGHT)
     assert r["rc"] == 0, r["fails"]
     bound = 0.25 * r["weights"] + 2e9
     stages = {k: round(v["peak"] / 1e9, 2) for k, v in r["stages"].items()}

@@ -5,6 +5,11 @@ process group and is SIGKILLed, with its llama.cpp children, at a seeded random 
 uninterrupted build's duration. The folder is then inspected (nothing partial at a final
 path), built again to completion, and compared with the uninterrupted build.
 
+Two kills run side by side (PARALLEL): most of a tiny build is one-threaded Python (imports,
+the converter's start, small tensors), so two in flight use the 2 cores of a CI machine about
+1.5 times as well as one. The reference build's duration, which the kill moments are fractions
+of, is measured under the same load: two uninterrupted builds side by side, which must agree.
+
 Determinism: GPTQModel's CPU path gives the same bytes run after run for a fixed number of
 torch threads; 1 and 2 threads give different (equally valid) weights, because the float
 reductions are split differently. So every run here pins the thread counts (THREAD_ENV).
@@ -21,6 +26,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -34,6 +40,7 @@ THREAD_ENV = {"OMP_NUM_THREADS": "2", "GPTQMODEL_CPU_WORKERS": "2", "QUANTKIT_TH
 # end up in any file or log (tests/test_crash.py greps for it).
 TOKEN = "hf_crash_harness_token_must_not_leak"
 RUN_TIMEOUT = 600
+PARALLEL = 2  # builds in flight at once (see the module's docstring)
 
 RECIPE = """[model]
 source = "{model}"
@@ -139,13 +146,23 @@ class Reference:
     manifest: dict[str, Any]
 
 
-def reference_build(root: Path, model: Path) -> Reference:
+def reference_build(root: Path, model: Path, parallel: int = PARALLEL) -> Reference:
+    """`parallel` uninterrupted builds side by side: their mean duration is the one the kills see,
+    and each must give the same files and results (the determinism the comparisons rely on)."""
     recipe = write_recipe(root, model)
-    out = root / "reference"
-    t0 = time.monotonic()
-    rc = run_build(recipe, out, root / "reference.log")
-    assert rc == 0, (root / "reference.log").read_text(errors="replace")
-    return Reference(time.monotonic() - t0, final_files(out), manifest_results(out))
+    names = ["reference", *(f"reference{i}" for i in range(1, parallel))]
+
+    def one(name: str) -> tuple[float, dict[str, str], dict[str, Any]]:
+        t0 = time.monotonic()
+        rc = run_build(recipe, root / name, root / f"{name}.log")
+        assert rc == 0, (root / f"{name}.log").read_text(errors="replace")
+        return time.monotonic() - t0, final_files(root / name), manifest_results(root / name)
+
+    with ThreadPoolExecutor(parallel) as pool:
+        runs = list(pool.map(one, names))
+    for name, (_, files, manifest) in zip(names[1:], runs[1:]):
+        assert (files, manifest) == runs[0][1:], f"{name} differs from the first uninterrupted build"
+    return Reference(sum(r[0] for r in runs) / len(runs), runs[0][1], runs[0][2])
 
 
 # ---------------------------------------------------------------- one kill
@@ -265,20 +282,27 @@ def kill_fractions(n: int, seed: int) -> list[float]:
 RETRY = 1000  # folder number offset of a kill tried again
 
 
-def random_kills(root: Path, ref: Reference, n: int, seed: int, *, first: int = 0,
-                 group: bool = True, done: Callable[[KillResult], None] = lambda r: None) -> list[KillResult]:
-    """n kills at seeded moments, each into its own folder (kill<first + i>) and re-run.
-    A build that ended before its moment measured how long builds take now (a shared
-    machine's load changes between the reference and the kills): that moment is tried
-    again, once, on the new duration (folder kill<first + i + RETRY>)."""
-    recipe, seconds, out = root / "recipe.toml", ref.seconds, []
-    for i, f in enumerate(kill_fractions(n, seed)):
-        r = crash_once(root, recipe, ref, first + i, f * seconds, group=group)
+def random_kills(root: Path, ref: Reference, n: int, seed: int, *, first: int = 0, group: bool = True,
+                 done: Callable[[KillResult], None] = lambda r: None, parallel: int = PARALLEL) -> list[KillResult]:
+    """n kills at seeded moments, each into its own folder (kill<first + i>) and re-run,
+    `parallel` at a time. A build that ended before its moment measured how long builds take
+    now (a shared machine's load changes between the reference and the kills): that moment is
+    tried again, once, on the new duration (folder kill<first + i + RETRY>). `done` sees the
+    results in kill order."""
+    recipe, seconds = root / "recipe.toml", [ref.seconds]
+
+    def one(i: int, f: float) -> KillResult:
+        r = crash_once(root, recipe, ref, first + i, f * seconds[0], group=group)
         if not r.killed:
-            seconds = r.lasted
-            r = crash_once(root, recipe, ref, first + i + RETRY, f * seconds, group=group)
-        out.append(r)
-        done(r)
+            seconds[0] = r.lasted
+            r = crash_once(root, recipe, ref, first + i + RETRY, f * seconds[0], group=group)
+        return r
+
+    out = []
+    with ThreadPoolExecutor(parallel) as pool:
+        for r in pool.map(one, *zip(*enumerate(kill_fractions(n, seed)))):
+            out.append(r)
+            done(r)
     return out
 
 

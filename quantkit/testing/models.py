@@ -24,7 +24,9 @@ CALIB_DIR = ROOT / "calibration"
 
 
 def cached(name: str, build: Callable[[Path], object]) -> Path:
-    """Build into a temp folder next to the cache entry, then rename: never half a model."""
+    """Build into a temp folder next to the cache entry, then rename: never half a model. Two
+    test workers may build the same entry at once: the first rename wins, the other build is
+    dropped."""
     dest = CACHE / name
     if (dest / "config.json").is_file():
         return dest
@@ -32,8 +34,11 @@ def cached(name: str, build: Callable[[Path], object]) -> Path:
     tmp = Path(tempfile.mkdtemp(dir=CACHE, prefix=f".{name}."))
     try:
         build(tmp)
-        if not dest.exists():
+        try:
             tmp.rename(dest)
+        except OSError:  # another worker's rename came first (a non-empty folder is never replaced)
+            if not (dest / "config.json").is_file():
+                raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return dest

@@ -18,6 +18,7 @@ import shutil
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -113,12 +114,24 @@ def weight_bytes(model: Path) -> int:
 # ---------------------------------------------------------------- one measured build
 
 
-def recipe_text(model: Path, path: str) -> str:
-    # 16 QA items (64 answer sequences, several groups of the streamed reference pass) walk the
-    # answers' memory path; the default 200 adds minutes of the same work, not memory.
+@dataclass(frozen=True)
+class Work:
+    """How much text a measured build runs through. Memory is set by the widths, the window
+    (512) and the reference's token groups, not by how many windows or answers there are."""
+    samples: int = 8  # calibration windows of 512 tokens
+    qa_items: int = 16  # 64 answer sequences: several groups of the streamed reference pass
+
+
+FULL = Work()
+# tests/test_scale.py: the same windows and groups, fewer of them (4 items still fill more than
+# one reference group of GROUP_TOKENS); measured against FULL in the README's scale section.
+LIGHT = Work(samples=4, qa_items=4)
+
+
+def recipe_text(model: Path, path: str, work: Work = FULL) -> str:
     return (f'[model]\nsource = "{model}"\nname = "rand7b"\n'
-            f'[calibration]\nsamples = 8\nseq_len = 512\n'
-            f'[evaluation]\ntokens = 1024\nctx = 512\nqa_items = 16\n'
+            f'[calibration]\nsamples = {work.samples}\nseq_len = 512\n'
+            f'[evaluation]\ntokens = 1024\nctx = 512\nqa_items = {work.qa_items}\n'
             f'[publish]\nowner = "bench"\n' + RECIPES[path])
 
 
@@ -193,12 +206,12 @@ def _tree_rss(pid: int) -> tuple[int, int]:
     return anon, top
 
 
-def measure(model: Path, path: str, out: Path) -> dict[str, Any]:
+def measure(model: Path, path: str, out: Path, work: Work = FULL) -> dict[str, Any]:
     """Build one recipe in a child process; sample its tree every 0.1 s."""
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     recipe, timeline = out / "recipe.toml", out / "timeline.txt"
-    recipe.write_text(recipe_text(model, path))
+    recipe.write_text(recipe_text(model, path, work))
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     t0 = time.time()
     p = subprocess.Popen([sys.executable, "-m", "quantkit.testing.scale", "--child", str(recipe), str(out / "build"),
@@ -303,7 +316,7 @@ def _quiet(cmd: list[Any], env: dict[str, str] | None = None) -> None:
 # ---------------------------------------------------------------- the estimate, and one run
 
 
-def estimate(model: Path, path: str) -> dict[str, float] | None:
+def estimate(model: Path, path: str, work: Work = FULL) -> dict[str, float] | None:
     """quantkit's own resource plan for the same recipe (None before it existed)."""
     try:
         from quantkit.plan import make_plan
@@ -311,7 +324,7 @@ def estimate(model: Path, path: str) -> dict[str, float] | None:
         from quantkit.resources import plan_resources
     except ImportError:
         return None
-    plan = make_plan(parse_recipe(recipe_text(model, path), check_source=False))
+    plan = make_plan(parse_recipe(recipe_text(model, path, work), check_source=False))
     try:
         return plan_resources(plan).build.as_dict()
     except Exception as e:  # noqa: BLE001 - a broken estimate must not lose the measurement
@@ -319,12 +332,12 @@ def estimate(model: Path, path: str) -> dict[str, float] | None:
         return None
 
 
-def run_one(path: str, layers: int, args: argparse.Namespace) -> dict[str, Any]:
+def run_one(path: str, layers: int, args: argparse.Namespace, work: Work = FULL) -> dict[str, Any]:
     model = random_llama(layers)
     out = args.out / f"{layers}l" / path
     log(f"{layers} layers, {path} ...")
-    r = {"layers": layers, "weights": weight_bytes(model), **measure(model, path, out)}
-    r["estimate"] = estimate(model, path)
+    r = {"layers": layers, "weights": weight_bytes(model), **measure(model, path, out, work)}
+    r["estimate"] = estimate(model, path, work)
     if path == "gguf" and not args.no_tools_alone and r["rc"] == 0:
         r["tools_alone"] = tools_alone(model, out.parent)
     log(f"  peak {r['peak_anon'] / GB:.2f} GB anon, {r['wall']:.0f} s, rc {r['rc']} {r['fails']}")
