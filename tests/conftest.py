@@ -21,6 +21,9 @@ from quantkit.testing.models import CALIB_DIR, build_smollm2, build_tiny_llama, 
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # the long files first (a stable sort keeps every file's own order): with two workers and
+    # --dist loadfile, a long file dealt out last would run alone while the other worker idles
+    items.sort(key=lambda it: "long" not in it.keywords)
     if any("gpu" in it.keywords for it in items) and not _cuda():
         skip = pytest.mark.skip(reason="needs a CUDA GPU")
         for it in items:

@@ -23,6 +23,8 @@ from quantkit.testing.crash import (  # noqa: E402
 
 from quantkit.lock import LOCK_NAME  # noqa: E402
 
+pytestmark = pytest.mark.long
+
 
 @pytest.fixture(scope="module")
 def reference(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Reference]:

@@ -9,6 +9,8 @@ import argparse
 
 import pytest
 
+pytestmark = pytest.mark.long
+
 
 @pytest.fixture(scope="module")
 def scale():

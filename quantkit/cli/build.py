@@ -118,7 +118,7 @@ def batch(recipes: Annotated[list[Path], typer.Argument(help="Recipe files.")],
     else:
         results = [(str(r), _batch_one(r, out_dir, do_publish, verbose)) for r in recipes]
     t = Table(title="batch")
-    t.add_column("recipe")
+    t.add_column("recipe", no_wrap=True)  # a path folded across lines cannot be pasted back
     t.add_column("result")
     for name, res in results:
         t.add_row(name, res)

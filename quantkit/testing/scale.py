@@ -25,6 +25,7 @@ from typing import Any
 from quantkit.testing.models import CACHE, smollm2
 
 GB = 1e9
+TASK = "task: "  # timeline lines naming each progress task as it starts (not a stage)
 HIDDEN, INTERMEDIATE, HEADS, VOCAB = 4096, 11008, 32, 49152
 STAGES = ("source", "calibration", "convert", "imatrix", "tuned mix", "quantize", "reference", "reload and score",
           "card")
@@ -171,13 +172,16 @@ def child(recipe: Path, out: Path, timeline: Path) -> int:
     from quantkit.recipe import load_recipe
 
     fh = open(timeline, "w", buffering=1)  # noqa: SIM115 - line-buffered for the parent
-    last = [""]
+    last, task = [""], [""]
 
     def report(ev: Any) -> None:
         stage = _stage_of(ev)
         if stage and stage != last[0]:
             last[0] = stage
             fh.write(f"{time.time():.3f} {stage}\n")
+        if isinstance(ev, events.Progress) and ev.task != task[0]:  # finer than the stages, for reading
+            task[0] = ev.task
+            fh.write(f"{time.time():.3f} {TASK}{ev.task}\n")
         if isinstance(ev, events.Failed):
             fh.write(f"{time.time():.3f} FAIL {ev.variant}: {ev.message}\n")
 
@@ -250,7 +254,7 @@ def _read_timeline(timeline: Path) -> list[tuple[float, str]]:
     marks = []
     for line in timeline.read_text().splitlines():
         t, _, stage = line.partition(" ")
-        if not stage.startswith("FAIL"):
+        if not stage.startswith(("FAIL", TASK)):
             marks.append((float(t), stage))
     return marks
 
