@@ -117,8 +117,9 @@ def weight_bytes(model: Path) -> int:
 
 @dataclass(frozen=True)
 class Work:
-    """How much text a measured build runs through. Memory is set by the widths, the window
-    (512) and the reference's token groups, not by how many windows or answers there are."""
+    """How much text a measured build runs through. The peak (the streamed reference) is set by
+    the widths, the window (512) and the reference's token groups, not by how many windows or
+    answers there are; scoring's own, lower peak follows the longest answer sequence."""
     samples: int = 8  # calibration windows of 512 tokens
     qa_items: int = 16  # 64 answer sequences: several groups of the streamed reference pass
 
