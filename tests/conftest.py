@@ -21,8 +21,8 @@ from quantkit.testing.models import CALIB_DIR, build_smollm2, build_tiny_llama, 
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    # the long files first (a stable sort keeps every file's own order): with two workers and
-    # --dist loadfile, a long file dealt out last would run alone while the other worker idles
+    # the long files first (a stable sort keeps every file's own order); xdist's loadfile then
+    # deals files out by how many tests they hold, and this order decides among equals
     items.sort(key=lambda it: "long" not in it.keywords)
     if any("gpu" in it.keywords for it in items) and not _cuda():
         skip = pytest.mark.skip(reason="needs a CUDA GPU")
