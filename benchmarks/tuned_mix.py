@@ -20,8 +20,9 @@ Prints:
 4. the cost: the allocator's extra time (sensitivity step, dry runs and allocation) against the
    ladder's own build time for the same types (conversion, imatrix, quantization);
 5. the proxy against measured KLD: the build's calibration probes (one tensor class in one third
-   of the layers at Q2_K, everything else Q8_0, on calibration text); the Spearman rank
-   correlation of the importance-weighted error with the measured increase of mean KLD.
+   of the layers at the probe type, everything else the 16-bit file's own, on calibration
+   text); the Spearman rank correlation of the importance-weighted error with the measured
+   increase of mean KLD.
 """
 
 from __future__ import annotations
@@ -168,9 +169,11 @@ def main() -> None:
         print(f"- {b}_tuned: {'same bytes' if ok else 'DIFFERENT BYTES'}")
     print("\ncost, seconds (this machine, same build):")
     print(table(["", "seconds", "× ladder"], cost(m, steps, args.budgets)))
+    from quantkit.engines.gguf import probes
+
     rows, rho, within = probe_rows(plan)
-    print("\nthe proxy against measured ΔKLD: the build's probes (one class in one third of the layers at Q2_K,\n"
-          "the rest Q8_0, scored by llama-perplexity on calibration text against the 16-bit GGUF):")
+    print(f"\nthe proxy against measured ΔKLD: the build's probes (one class in one third of the layers at "
+          f"{probes.LOW},\nthe rest as the 16-bit GGUF has them, scored by llama.cpp on calibration text against it):")
     print(table(["class", "layers", "proxy error", "ΔKLD measured", "KLD per unit error"], rows))
     print(f"Spearman rank correlation of proxy and ΔKLD over {len(rows)} probes: {rho:.3f}; "
           f"within a class (over its thirds), mean: {within:.3f}")

@@ -23,7 +23,7 @@ from quantkit.cli import app
 from quantkit.engines.gguf import BASE, IMATRIX, SENSITIVITY, GGUFEngine, hub_quant_label, read_header
 from quantkit.engines.gguf.ggml import quantize_rows, stored_type
 from quantkit.engines.gguf.header import tensor
-from quantkit.engines.gguf.mix import CANDIDATES, Probe, Sensitivity, allocate, importance, sample, summary, tunable
+from quantkit.engines.gguf.mix import CANDIDATES, Probe, Sensitivity, allocate, importance, probe_errors, sample, summary, tunable
 from quantkit.errors import EngineError, EngineUnavailable
 from quantkit.manifest import load_manifest
 from quantkit.plan import make_plan
@@ -82,6 +82,27 @@ def test_rows_quantized_in_process_are_the_bytes_llama_quantize_writes(smollm2_2
         raw = np.memmap(pure, dtype=np.uint8, mode="r", offset=q.offset, shape=(q.nbytes,)).reshape(b.dims[1], -1)
         assert np.array_equal(mine, raw[rows]), name
     assert seen == {"Q3_K", "Q4_0"}  # ffn_down's 1536-wide rows take Q3_K; the rest fall back
+
+
+def test_a_probes_predicted_error_is_that_of_the_low_file_it_scores(smollm2_2l: Path, tmp_path: Path,
+                                                                    toolchain: llamacpp.Toolchain) -> None:
+    """The probe file is quantized without the importance matrix; the predicted error is that
+    very quantization's (same bytes), weighed by the importance matrix as the table's errors are."""
+    from quantkit.engines.gguf import probes
+
+    ctx, _, _ = make_ctx(smollm2_2l, tmp_path / "work")
+    made = run_steps(GGUFEngine(), [variant("Q4_K_M")], ctx)
+    base, im = made[BASE][0], made[IMATRIX][0]
+    low = probes.pure(toolchain, base, None, tmp_path / "low.gguf", probes.LOW_FTYPE)
+    name = "blk.1.ffn_down.weight"
+    b = next(i for i in read_header(base)["infos"] if i.name == name)
+    q = next(i for i in read_header(low)["infos"] if i.name == name)
+    rows = sample(b.dims[1])
+    w = tensor(base, b, rows)
+    raw = np.memmap(low, dtype=np.uint8, mode="r", offset=q.offset, shape=(q.nbytes,)).reshape(b.dims[1], -1)
+    assert np.array_equal(quantize_rows(toolchain.quantize.parent, q.type, w, None), raw[rows])
+    expected = float((((tensor(low, q, rows) - w) ** 2) @ importance(im)[name]).sum()) * b.dims[1] / len(rows)
+    assert probe_errors(toolchain.quantize.parent, base, im, [name])[name] == pytest.approx(expected, rel=1e-5)
 
 
 def _table() -> Sensitivity:
@@ -237,27 +258,27 @@ def test_the_sensitivity_step_is_keyed_calibrated_and_found_again(tiny_llama: Pa
 
 def test_a_probe_of_linked_shards_scores_as_the_file_llama_quantize_writes_from_the_same_rules(
         tiny_llama: Path, tmp_path: Path, toolchain: llamacpp.Toolchain) -> None:
-    """A probe is a folder of links to shards of two pure files, no copy of the weights:
-    llama.cpp loads it as one model, and it scores the same KLD, to the digit, as the one file
-    `llama-quantize --pure --tensor-type-file` makes with the same types."""
+    """A probe is a folder of links to shards of the base and one pure low file, no copy of the
+    weights: llama.cpp loads it as one model, and it scores the same KLD, to the digit, as the one
+    file `llama-quantize --pure --tensor-type-file` makes with the same types; with no group low it
+    is the reference (KLD 0: no floor to subtract)."""
     from quantkit.engines.gguf import probes
 
     ctx, _, _ = make_ctx(tiny_llama, tmp_path / "work")
     made = run_steps(GGUFEngine(), [variant("Q4_K_M")], ctx)
-    base, im = made[BASE][0], made[IMATRIX][0]
-    q8 = probes.pure(toolchain, base, im, tmp_path / "q8.gguf", "Q8_0")
-    low = probes.pure(toolchain, base, im, tmp_path / "low.gguf", "Q2_K")
+    base = made[BASE][0]
+    low = probes.pure(toolchain, base, None, tmp_path / "low.gguf", probes.LOW_FTYPE)
     groups = [["blk.0.attn_v.weight", "blk.0.attn_q.weight"], ["blk.1.ffn_down.weight"]]
-    sh = probes.shards(tmp_path / "shards", q8, low, groups)
+    sh = probes.shards(tmp_path / "shards", base, low, groups)
+    text = ctx.calib.write_text(tmp_path / "calibration.txt")
+    scorer = probes.Scorer(base, text, probes.probe_ctx(int(ctx.calib.windows.size)))
     first = sh.probe(frozenset({1}))
     assert all(f.is_symlink() for f in first.parent.iterdir()) and len(list(first.parent.iterdir())) == 3
-    infos = [i for i in read_header(base)["infos"] if len(i.dims) == 2]
     rules = tmp_path / "rules.txt"
-    rules.write_text("".join(f"^{re.escape(i.name)}$={'q2_k' if i.name in groups[1] else 'q8_0'}\n" for i in infos))
-    subprocess.run([str(toolchain.quantize), "--pure", "--tensor-type-file", str(rules), "--imatrix", str(im.resolve()),
-                    str(base), str(tmp_path / "ref.gguf"), "Q8_0", "2"], check=True, capture_output=True)
-    text = ctx.calib.write_text(tmp_path / "calibration.txt")
-    n = probes.probe_ctx(int(ctx.calib.windows.size))
-    scorer = probes.Scorer(base, text, n)
+    infos = [i for i in read_header(base)["infos"] if len(i.dims) == 2]  # a rule each, as the base has it
+    rules.write_text("".join(f"^{re.escape(i.name)}$={(probes.LOW if i.name in groups[1] else i.type).lower()}\n"
+                             for i in infos))
+    subprocess.run([str(toolchain.quantize), "--pure", "--tensor-type-file", str(rules), str(base),
+                    str(tmp_path / "ref.gguf"), "Q8_0", "2"], check=True, capture_output=True)
     got, ref = scorer.kld(first), scorer.kld(tmp_path / "ref.gguf")
-    assert got == ref > scorer.kld(sh.probe()) > 0
+    assert got == ref > scorer.kld(sh.probe()) == 0.0

@@ -69,29 +69,29 @@ def variant_estimate(quant: str, shape: ModelShape, work: Workload, machine: Mac
 
 
 SAMPLED_PER_S = 4e6  # elements a sensitivity pass measures per second and core (quantize, dequantize, weigh)
-SENSITIVITY_TYPES = 10  # mix.CANDIDATES
+SENSITIVITY_TYPES = 11  # mix.CANDIDATES and the probe type
 SENSITIVITY_ROWS = 128  # mix.SAMPLE_ROWS
-PROBE_GROUPS = 21  # 7 classes x 3 thirds of the layers, plus the all-Q8_0 floor and the 16-bit base
-PROBE_TOKENS = 512  # probes.PROBE_CHUNKS x PROBE_CTX
-WRITE_BYTES_PER_S = 400e6  # splitting the pure files into the probes' shards: copying tensor bytes
+PROBE_GROUPS = 21  # 7 classes x 3 thirds of the layers; one more pass scores the 16-bit base
+PROBE_TOKENS = 256  # probes.PROBE_CHUNKS x PROBE_CTX
+WRITE_BYTES_PER_S = 400e6  # splitting the base and the low file into the probes' shards: copying tensor bytes
 
 
 def sensitivity_estimate(shape: ModelShape, work: Workload, machine: Machine) -> Estimate:
     """A tuned mix's measurement: each type over a sample of rows of every layer matrix (a few
-    tensors at a time), then the probes: a pure Q8_0 and a pure Q2_K file, split once into shards
-    that each probe links (no copy per probe), and per group one llama-perplexity run on
-    calibration text. The disk holds the two pure files and their shards."""
+    tensors at a time), then the probes: a pure Q4_0 file without the importance matrix (as fast
+    as Q8_0), the base and it split once into shards that each probe links (no copy per probe),
+    and per group one scoring run on calibration text. The disk holds the low file, the base's
+    shards and the low shards."""
     widths = (shape.hidden, shape.hidden, shape.hidden, shape.hidden, shape.hidden, shape.hidden, shape.intermediate)
     sampled = shape.layers * sum(SENSITIVITY_ROWS * w for w in widths)
     measure = sampled * SENSITIVITY_TYPES / (SAMPLED_PER_S * machine.cores)
-    q8 = expected_bytes("Q8_0", shape.params)
-    quantize = shape.bf16_bytes / (QUANT_BYTES_PER_S["Q8_0"] * machine.cores / 2) + \
-        shape.bf16_bytes / (KQUANT_BYTES_PER_S * machine.cores / 2)
-    low = expected_bytes("Q2_K", shape.params)
-    score = (PROBE_GROUPS + 2) * 2 * shape.params * PROBE_TOKENS / machine.cpu_flops + (q8 + low) / WRITE_BYTES_PER_S
+    quantize = shape.bf16_bytes / (QUANT_BYTES_PER_S["Q8_0"] * machine.cores / 2)
+    low = expected_bytes("Q4_0", shape.params)
+    score = (PROBE_GROUPS + 1) * 2 * shape.params * PROBE_TOKENS / machine.cpu_flops + \
+        (shape.bf16_bytes + low) / WRITE_BYTES_PER_S
     ram = max(PROCESS_BASE + machine.cores * 4 * SENSITIVITY_ROWS * max(widths) * 4,
               PROCESS_BASE + SCORE_BASE + shape.kv_bytes(PROBE_TOKENS) + PROBE_TOKENS * shape.vocab * 4 * 2)
-    disk = 2 * (q8 + low)
+    disk = shape.bf16_bytes + 2 * low
     return Estimate(int(ram), 0, disk, measure + quantize + score, "tensor sensitivity")
 
 

@@ -43,8 +43,11 @@ from .tools import explain, llama_threads, need_space, run
 # measures and gets llama.cpp's fallback instead.
 CANDIDATES = ("Q2_K", "Q3_K", "IQ3_S", "IQ4_XS", "Q4_K", "IQ4_NL", "Q4_1", "Q5_K", "Q6_K", "Q8_0")
 SAMPLE_ROWS = 128  # rows measured per tensor, evenly spaced: the error scales by rows / sample
-PROBES = (probes.LOW, probes.PROBE_CTX, probes.PROBE_CHUNKS, probes.SCORE_FROM)  # what the calibration depends on
-MIN_DKLD = 1e-5  # a probe's KLD increase below this is noise: its group counts as barely sensitive
+# what the calibration depends on ("base": the probes' other tensors are the 16-bit file's own)
+PROBES = (probes.LOW, "no imatrix", "base", probes.PROBE_CTX, probes.PROBE_CHUNKS, probes.SCORE_FROM)
+# A probe's KLD below this counts as barely sensitive: there is no floor to subtract, but a mean
+# KLD of float32 logits this small is rounding as much as signal.
+MIN_DKLD = 1e-6
 _DRY = re.compile(r"^\[\s*\d+/\s*\d+\]\s+(\S+)\s+-\s+\[[^\]]*\], type =\s*(\S+), size =\s*([\d.]+) MiB"
                   r"(?: ->\s*([\d.]+) MiB \((\S+)\))?")
 
@@ -72,8 +75,8 @@ class Probe:
     cls: str
     first: int  # layers first..last
     last: int
-    predicted: float  # the group's summed weighted error, low type minus Q8_0
-    measured: float  # its mean KLD above the all-Q8_0 file, on calibration text
+    predicted: float  # the group's summed weighted error at the probe type
+    measured: float  # its mean KLD against the 16-bit file, on calibration text
 
     def holds(self, name: str) -> bool:
         return tensor_class(name) == self.cls and self.first <= _layer(name) <= self.last
@@ -185,36 +188,42 @@ def calibrate(tc: Toolchain, base: Path, imatrix: Path, proxy: dict[str, dict[st
               ctx: int, work: Path, progress: Progress) -> tuple[Probe, ...]:
     """One probe per group, scored against the 16-bit GGUF on the calibration text."""
     work.mkdir(parents=True, exist_ok=True)
-    # a pure Q8_0 and a pure low file (0.53 + ~0.2 of the 16-bit file), then their shards, as large
-    need_space(work, int(1.5 * base.stat().st_size), "the calibration probes", None)
+    # a pure low file (~0.3 of the 16-bit file), the base split into shards, the low shards
+    need_space(work, int(1.7 * base.stat().st_size), "the calibration probes", None)
     todo = groups(list(proxy))
     members = [[t for t in proxy if Probe(c, a, b, 0.0, 0.0).holds(t)] for c, a, b in todo]
     progress("calibration probes", 0, len(todo))
-    q8, low = probes.pure(tc, base, imatrix, work / "probe-Q8_0.gguf", "Q8_0"), \
-        probes.pure(tc, base, imatrix, work / f"probe-{probes.LOW}.gguf", probes.LOW)
+    errors = probe_errors(tc.quantize.parent, base, imatrix, list(proxy))
+    low = probes.pure(tc, base, None, work / f"probe-{probes.LOW}.gguf", probes.LOW_FTYPE)
     shard_dir = work / "shards"
     try:
-        sh = probes.shards(shard_dir, q8, low, members)
-        for f in (q8, low):
-            f.unlink()
+        sh = probes.shards(shard_dir, base, low, members)
+        low.unlink()
         scorer = probes.Scorer(base, text, ctx)
-        floor = scorer.kld(sh.probe())
         found = []
         for n, ((cls, first, last), group) in enumerate(zip(todo, members, strict=True), 1):
-            measured = scorer.kld(sh.probe(frozenset({n - 1}))) - floor
-            predicted = sum(_low(proxy[t]) - proxy[t]["Q8_0"][1] for t in group)
-            found.append(Probe(cls, first, last, predicted, measured))
+            measured = scorer.kld(sh.probe(frozenset({n - 1})))
+            found.append(Probe(cls, first, last, sum(errors[t] for t in group), measured))
             progress("calibration probes", n, len(todo))
     finally:
-        for f in (q8, low):
-            f.unlink(missing_ok=True)
+        low.unlink(missing_ok=True)
         shutil.rmtree(shard_dir, ignore_errors=True)
     return tuple(found)
 
 
-def _low(row: dict[str, tuple[int, float]]) -> float:
-    """The error at the smallest type measured: what the low probe stores the tensor as."""
-    return min(row.values())[1]
+def probe_errors(tools_dir: Path, base: Path, imatrix: Path, names: list[str]) -> dict[str, float]:
+    """Each tensor's weighted error at the probe type, quantized as the probe file has it (without
+    the importance matrix) and weighed by it, as the table's errors are."""
+    imp = importance(imatrix)
+    infos = [i for i in read_header(base)["infos"] if i.name in set(names)]
+
+    def one(info: TensorInfo) -> tuple[str, float]:
+        rows, w = _sampled(base, info)
+        gtype = stored_type(probes.LOW, info.dims[0])
+        return info.name, _error(tools_dir, w, gtype, None, imp.get(info.name), info.dims[1] / len(rows))
+
+    with ThreadPoolExecutor(llama_threads()) as pool:
+        return dict(pool.map(one, infos))
 
 
 def sample(n_rows: int) -> np.ndarray:
@@ -223,17 +232,25 @@ def sample(n_rows: int) -> np.ndarray:
 
 def _measure(tools_dir: Path, base: Path, info: TensorInfo, imp: np.ndarray | None) -> dict[str, tuple[int, float]]:
     """(bytes of the whole tensor, estimated weighted error) for each type it can be stored as."""
-    width, n_rows = info.dims[0], info.dims[1]
-    rows = sample(n_rows)
-    w = tensor(base, info, rows)
-    weight = np.ones(width, dtype=np.float32) if imp is None else imp
-    scale = n_rows / len(rows)
-    out: dict[str, tuple[int, float]] = {}
-    for gtype in dict.fromkeys(stored_type(c, width) for c in CANDIDATES):
-        wq = dequantize_rows(quantize_rows(tools_dir, gtype, w, imp), gtype, width)
-        err = float((((wq - w) ** 2) @ weight).astype(np.float64).sum()) * scale
-        out[gtype] = (tensor_bytes(gtype, info.dims), err)
-    return out
+    rows, w = _sampled(base, info)
+    scale = info.dims[1] / len(rows)
+    return {gtype: (tensor_bytes(gtype, info.dims), _error(tools_dir, w, gtype, imp, imp, scale))
+            for gtype in dict.fromkeys(stored_type(c, info.dims[0]) for c in CANDIDATES)}
+
+
+def _sampled(base: Path, info: TensorInfo) -> tuple[np.ndarray, np.ndarray]:
+    """The rows a tensor's errors are measured on, and their values."""
+    rows = sample(info.dims[1])
+    return rows, tensor(base, info, rows)
+
+
+def _error(tools_dir: Path, w: np.ndarray, gtype: str, quant_imp: np.ndarray | None, weight: np.ndarray | None,
+           scale: float) -> float:
+    """Σ_ij weight_j (W_ij − Ŵ_ij)² over the sampled rows, times `scale` for the whole tensor;
+    Ŵ quantized with `quant_imp` as llama-quantize would."""
+    wq = dequantize_rows(quantize_rows(tools_dir, gtype, w, quant_imp), gtype, w.shape[1])
+    weight = np.ones(w.shape[1], dtype=np.float32) if weight is None else weight
+    return float((((wq - w) ** 2) @ weight).astype(np.float64).sum()) * scale
 
 
 # ---------------------------------------------------------------- 2. allocation

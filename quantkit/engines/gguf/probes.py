@@ -5,15 +5,16 @@ The weighted error Σ imp_j ΔW_ij² is the error a tensor adds to its own outpu
 the next-token distribution differs by class and depth by two orders of magnitude (measured on
 SmolLM2: attn_q's error barely moves the KLD, early attn_v's moves it most; residual streams
 grow with depth, so the same error matters less in late layers). So one probe per tensor class
-and third of the layers: that group at the low type, every other tensor at Q8_0, against the
-16-bit GGUF, scored by llama.cpp in-process on the calibration text (the held-out text stays
-unseen). Its KLD above the all-Q8_0 file, divided by the group's predicted error, scales the
-errors of the group's tensors.
+and third of the layers: that group at the low type, every other tensor as the 16-bit GGUF has
+it, scored by llama.cpp in-process on the calibration text against the 16-bit GGUF (the
+held-out text stays unseen). Its KLD, divided by the group's predicted error, scales the errors
+of the group's tensors. Everything else being the base's own bytes, the probe's KLD is the
+group's alone: there is no floor to score and subtract.
 
-Probes are linked, not quantized: one all-Q8_0 and one all-low file (two `llama-quantize --pure`
-runs) are split once into shards, a group's tensors to a shard, and a probe is a folder of links
-to one version of each shard, which llama.cpp loads as one split model: a probe costs one scoring
-run and no copy of the weights.
+Probes are linked, not quantized: the 16-bit GGUF and one all-low file (one `llama-quantize
+--pure` run) are split once into shards, a group's tensors to a shard, and a probe is a folder of
+links to one version of each shard, which llama.cpp loads as one split model: a probe costs one
+scoring run and no copy of the weights.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import struct
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -34,13 +36,24 @@ from .header import TensorInfo, _Cursor, read_header
 from .runner import LlamaRunner
 from .tools import explain, llama_threads, run
 
-PROBE_CTX = 512  # tokens a chunk
+# Tokens a chunk. The probes' forward passes are most of a tuned mix's extra time; at 256 tokens
+# (224 scored) instead of 512 the per-group KLD per unit error of a 2-layer 7B-width model moved
+# by under 10 % for the groups that matter most (first layer) and by up to 40 % for the
+# least sensitive ones, and the calibration took half the time (benchmarks/tuned_mix.py shows
+# the mixes it gives).
+PROBE_CTX = 256
 PROBE_CHUNKS = 1  # chunks of calibration text per probe (paired: every probe reads the same tokens)
-# Scored from an eighth of the chunk on: 448 of 512 tokens, about as many as two chunks' second
-# halves (510), for half the forward passes. What a probe measures is a group's KLD relative to
-# the others on the same tokens; the first 64 give every scored token some context.
+# Scored from an eighth of the chunk on. What a probe measures is a group's KLD relative to the
+# others on the same tokens; the first ctx / 8 give every scored token some context.
 SCORE_FROM = 8
-LOW = "Q2_K"  # the type a probe puts its group at (llama.cpp falls back where rows need it)
+# The type a probe puts its group at, quantized without the importance matrix. Q2_K with it (the
+# first choice) quantizes at 5 M weights/s a thread, so the all-low file cost as much as the
+# ladder's own Q4_K_M; Q4_0 without it runs at 600 M/s. A probe only needs an error large enough
+# to move the KLD and a predicted error of the same quantization (mix.probe_errors). On the
+# de-gridded SmolLM2 (benchmarks/tuned_mix.py), Q4_0 with the importance matrix and Q3_K without
+# it gave tuned mixes within 0.02x stock KLD of this choice, at more cost.
+LOW = "Q4_0"
+LOW_FTYPE = "Q4_0"  # the llama-quantize file type whose --pure file has every tensor at LOW
 
 
 def assemble(out: Path, template: Path, sources: Mapping[str, Path]) -> None:
@@ -58,9 +71,10 @@ def assemble(out: Path, template: Path, sources: Mapping[str, Path]) -> None:
 @dataclass(frozen=True)
 class Shards:
     """The probes as one split GGUF of shards: shard 1 holds the metadata and every tensor no
-    probe changes, shard k+1 group k's tensors, written twice (all-Q8_0 and low). A probe is a
-    folder of links to one version of each shard: llama.cpp loads the set as one model, so a
-    probe costs no copy of the weights (a 7B Q8_0 file is 7 GB; 21 probes wrote 150 GB)."""
+    probe changes, shard k+1 group k's tensors, written twice (as the base has them, and low). A
+    probe is a folder of links to one version of each shard: llama.cpp loads the set as one
+    model, so a probe costs no copy of the weights (a 7B 16-bit file is 13 GB, and there are 21
+    probes)."""
 
     folder: Path
     groups: int
@@ -72,28 +86,28 @@ class Shards:
         where.mkdir()
         n = self.groups + 1
         for k in range(n):
-            src = "common" if k == 0 else f"g{k}-{'low' if k - 1 in low else 'q8'}"
+            src = "common" if k == 0 else f"g{k}-{'low' if k - 1 in low else 'base'}"
             (where / f"probe-{k + 1:05d}-of-{n:05d}.gguf").symlink_to(self.folder / f"{src}.gguf")
         return where / f"probe-00001-of-{n:05d}.gguf"
 
 
-def shards(folder: Path, q8: Path, low: Path, groups: Sequence[Sequence[str]]) -> Shards:
-    """Split `q8` (and the grouped tensors of `low`) into the probe shards under `folder`."""
+def shards(folder: Path, base: Path, low: Path, groups: Sequence[Sequence[str]]) -> Shards:
+    """Split `base` (and the grouped tensors of `low`) into the probe shards under `folder`."""
     folder.mkdir(parents=True, exist_ok=True)
-    head = read_header(q8)
+    head = read_header(base)
     align = int(head["kv"].get("general.alignment") or 32)
     lows = {i.name: i for i in read_header(low)["infos"]}
     grouped = {t for g in groups for t in g}
     split = _split_kv(len(groups) + 1, len(head["infos"]))
-    with open(q8, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+    with open(base, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
         kv, n_kv = _kv_bytes(mm)
     _write(folder / "common.gguf", kv + split(0), n_kv + 3,
-           [(q8, i) for i in head["infos"] if i.name not in grouped], align)
+           [(base, i) for i in head["infos"] if i.name not in grouped], align)
     # later shards carry only the split keys (what llama.cpp reads of them), and the alignment
     own = {i.name: i for i in head["infos"]}
     extra = _kv("general.alignment", 4, struct.pack("<I", align)) if align != 32 else b""
     for k, members in enumerate(groups, 1):
-        for tag, path, infos in (("q8", q8, own), ("low", low, lows)):
+        for tag, path, infos in (("base", base, own), ("low", low, lows)):
             _write(folder / f"g{k}-{tag}.gguf", split(k) + extra, 3 + bool(extra),
                    [(path, infos[t]) for t in members], align)
     return Shards(folder, len(groups))
@@ -123,11 +137,17 @@ def _write(out: Path, kv: bytes, n_kv: int, chosen: list[tuple[Path, TensorInfo]
             offset += _padded(info.nbytes, align)
         f.write(b"\0" * (-f.tell() % align))
         for path, info in chosen:
-            with open(path, "rb") as src:
-                src.seek(info.offset)
-                f.write(src.read(info.nbytes))
+            _copy(path, info, f)
             f.write(b"\0" * (-info.nbytes % align))
     tmp.replace(out)
+
+
+def _copy(path: Path, info: TensorInfo, out: BinaryIO, block: int = 64 << 20) -> None:
+    """A tensor's bytes, in blocks: a 16-bit output matrix of a 70B model is 2 GB."""
+    with open(path, "rb") as src:
+        src.seek(info.offset)
+        for start in range(0, info.nbytes, block):
+            out.write(src.read(min(block, info.nbytes - start)))
 
 
 def _kv_bytes(mm: mmap.mmap) -> tuple[bytes, int]:
@@ -156,10 +176,10 @@ def _padded(n: int, align: int) -> int:
     return n + (-n % align)
 
 
-def pure(tc: Toolchain, base: Path, imatrix: Path, out: Path, ftype: str) -> Path:
+def pure(tc: Toolchain, base: Path, imatrix: Path | None, out: Path, ftype: str) -> Path:
     """Every quantizable tensor at `ftype`'s base type (llama.cpp's fallbacks where rows need it)."""
-    res = run([tc.quantize, "--pure", "--imatrix", imatrix.resolve(), base.resolve(), out.resolve(), ftype,
-               str(llama_threads())])
+    weights: list[str | Path] = [] if imatrix is None else ["--imatrix", imatrix.resolve()]
+    res = run([tc.quantize, "--pure", *weights, base.resolve(), out.resolve(), ftype, str(llama_threads())])
     if res.returncode != 0 or not out.is_file():
         raise EngineError("gguf", explain(res, f"quantizing a {ftype} probe", out.parent))
     return out
@@ -175,16 +195,16 @@ def probe_ctx(tokens: int) -> int:
 
 
 class Scorer:
-    """Mean KLD of probe models against the 16-bit GGUF, in-process through llama.cpp's bindings,
+    """Mean KLD of probe models against a reference model (the 16-bit GGUF), in-process through llama.cpp's bindings,
     on PROBE_CHUNKS chunks of the calibration text (BOS first, as evaluation cuts them, scored
     from ctx / SCORE_FROM on). llama-perplexity computes the same, but its logger runs on a thread
     that the process may exit before it has written the statistics (llama.cpp issue 22142): on
     a loaded machine the mean KLD went missing from some runs."""
 
-    def __init__(self, base: Path, text: Path, ctx: int):
-        self.chunks = _chunks(base, text, ctx)
+    def __init__(self, reference: Path, text: Path, ctx: int):
+        self.chunks = _chunks(reference, text, ctx)
         self.first = ctx // SCORE_FROM
-        runner = LlamaRunner(base)
+        runner = LlamaRunner(reference)
         try:
             self.ref = [log_softmax(runner.rows(c, self.first)[:-1]) for c in self.chunks]
         finally:
