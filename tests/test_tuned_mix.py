@@ -93,7 +93,7 @@ def test_a_probes_predicted_error_is_that_of_the_low_file_it_scores(smollm2_2l: 
     ctx, _, _ = make_ctx(smollm2_2l, tmp_path / "work")
     made = run_steps(GGUFEngine(), [variant("Q4_K_M")], ctx)
     base, im = made[BASE][0], made[IMATRIX][0]
-    low = probes.pure(toolchain, base, None, tmp_path / "low.gguf", probes.LOW_FTYPE)
+    low = probes.pure(toolchain, base, None, tmp_path / "low.gguf", probes.LOW)
     name = "blk.1.ffn_down.weight"
     b = next(i for i in read_header(base)["infos"] if i.name == name)
     q = next(i for i in read_header(low)["infos"] if i.name == name)
@@ -267,7 +267,7 @@ def test_a_probe_of_linked_shards_scores_as_the_file_llama_quantize_writes_from_
     ctx, _, _ = make_ctx(tiny_llama, tmp_path / "work")
     made = run_steps(GGUFEngine(), [variant("Q4_K_M")], ctx)
     base = made[BASE][0]
-    low = probes.pure(toolchain, base, None, tmp_path / "low.gguf", probes.LOW_FTYPE)
+    low = probes.pure(toolchain, base, None, tmp_path / "low.gguf", probes.LOW)
     groups = [["blk.0.attn_v.weight", "blk.0.attn_q.weight"], ["blk.1.ffn_down.weight"]]
     sh = probes.shards(tmp_path / "shards", base, low, groups)
     text = ctx.calib.write_text(tmp_path / "calibration.txt")

@@ -194,7 +194,7 @@ def calibrate(tc: Toolchain, base: Path, imatrix: Path, proxy: dict[str, dict[st
     members = [[t for t in proxy if Probe(c, a, b, 0.0, 0.0).holds(t)] for c, a, b in todo]
     progress("calibration probes", 0, len(todo))
     errors = probe_errors(tc.quantize.parent, base, imatrix, list(proxy))
-    low = probes.pure(tc, base, None, work / f"probe-{probes.LOW}.gguf", probes.LOW_FTYPE)
+    low = probes.pure(tc, base, None, work / f"probe-{probes.LOW}.gguf", probes.LOW)
     shard_dir = work / "shards"
     try:
         sh = probes.shards(shard_dir, base, low, members)
@@ -214,8 +214,8 @@ def calibrate(tc: Toolchain, base: Path, imatrix: Path, proxy: dict[str, dict[st
 def probe_errors(tools_dir: Path, base: Path, imatrix: Path, names: list[str]) -> dict[str, float]:
     """Each tensor's weighted error at the probe type, quantized as the probe file has it (without
     the importance matrix) and weighed by it, as the table's errors are."""
-    imp = importance(imatrix)
-    infos = [i for i in read_header(base)["infos"] if i.name in set(names)]
+    imp, wanted = importance(imatrix), set(names)
+    infos = [i for i in read_header(base)["infos"] if i.name in wanted]
 
     def one(info: TensorInfo) -> tuple[str, float]:
         rows, w = _sampled(base, info)

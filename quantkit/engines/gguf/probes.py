@@ -52,8 +52,7 @@ SCORE_FROM = 8
 # to move the KLD and a predicted error of the same quantization (mix.probe_errors). On the
 # de-gridded SmolLM2 (benchmarks/tuned_mix.py), Q4_0 with the importance matrix and Q3_K without
 # it gave tuned mixes within 0.02x stock KLD of this choice, at more cost.
-LOW = "Q4_0"
-LOW_FTYPE = "Q4_0"  # the llama-quantize file type whose --pure file has every tensor at LOW
+LOW = "Q4_0"  # also the llama-quantize file type whose --pure file has every tensor at it
 
 
 def assemble(out: Path, template: Path, sources: Mapping[str, Path]) -> None:
