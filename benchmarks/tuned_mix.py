@@ -172,8 +172,10 @@ def main() -> None:
     from quantkit.engines.gguf import probes
 
     rows, rho, within = probe_rows(plan)
+    lower = "".join(f", {cls} at {t}" for cls, t in probes.LOWER.items())
     print(f"\nthe proxy against measured ΔKLD: the build's probes (one class in one third of the layers at "
-          f"{probes.LOW},\nthe rest as the 16-bit GGUF has them, scored by llama.cpp on calibration text against it):")
+          f"{probes.LOW}{lower},\nthe rest as the 16-bit GGUF has them, scored by llama.cpp on calibration text "
+          "against it):")
     print(table(["class", "layers", "proxy error", "ΔKLD measured", "KLD per unit error"], rows))
     print(f"Spearman rank correlation of proxy and ΔKLD over {len(rows)} probes: {rho:.3f}; "
           f"within a class (over its thirds), mean: {within:.3f}")

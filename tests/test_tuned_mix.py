@@ -23,7 +23,8 @@ from quantkit.cli import app
 from quantkit.engines.gguf import BASE, IMATRIX, SENSITIVITY, GGUFEngine, hub_quant_label, read_header
 from quantkit.engines.gguf.ggml import quantize_rows, stored_type
 from quantkit.engines.gguf.header import tensor
-from quantkit.engines.gguf.mix import CANDIDATES, Probe, Sensitivity, allocate, importance, probe_errors, sample, summary, tunable
+from quantkit.engines.gguf.mix import (CANDIDATES, Probe, Sensitivity, allocate, importance, probe_errors, probe_type,
+                                       sample, summary, tunable)
 from quantkit.errors import EngineError, EngineUnavailable
 from quantkit.manifest import load_manifest
 from quantkit.plan import make_plan
@@ -86,23 +87,27 @@ def test_rows_quantized_in_process_are_the_bytes_llama_quantize_writes(smollm2_2
 
 def test_a_probes_predicted_error_is_that_of_the_low_file_it_scores(smollm2_2l: Path, tmp_path: Path,
                                                                     toolchain: llamacpp.Toolchain) -> None:
-    """The probe file is quantized without the importance matrix; the predicted error is that
-    very quantization's (same bytes), weighed by the importance matrix as the table's errors are."""
+    """The probe file is quantized without the importance matrix, ffn_down at Q2_K and the rest at
+    Q4_0; the predicted error is that very quantization's (same bytes), weighed by the importance
+    matrix as the table's errors are."""
     from quantkit.engines.gguf import probes
 
     ctx, _, _ = make_ctx(smollm2_2l, tmp_path / "work")
     made = run_steps(GGUFEngine(), [variant("Q4_K_M")], ctx)
     base, im = made[BASE][0], made[IMATRIX][0]
-    low = probes.pure(toolchain, base, None, tmp_path / "low.gguf", probes.LOW)
-    name = "blk.1.ffn_down.weight"
-    b = next(i for i in read_header(base)["infos"] if i.name == name)
-    q = next(i for i in read_header(low)["infos"] if i.name == name)
-    rows = sample(b.dims[1])
-    w = tensor(base, b, rows)
-    raw = np.memmap(low, dtype=np.uint8, mode="r", offset=q.offset, shape=(q.nbytes,)).reshape(b.dims[1], -1)
-    assert np.array_equal(quantize_rows(toolchain.quantize.parent, q.type, w, None), raw[rows])
-    expected = float((((tensor(low, q, rows) - w) ** 2) @ importance(im)[name]).sum()) * b.dims[1] / len(rows)
-    assert probe_errors(toolchain.quantize.parent, base, im, [name])[name] == pytest.approx(expected, rel=1e-5)
+    low = probes.pure(toolchain, base, None, tmp_path / "low.gguf", probes.LOW, probes.LOWER)
+    names = ["blk.1.ffn_down.weight", "blk.1.attn_v.weight"]
+    predicted = probe_errors(toolchain.quantize.parent, base, im, names)
+    for name, want in zip(names, ("Q2_K", "Q4_0"), strict=True):
+        b = next(i for i in read_header(base)["infos"] if i.name == name)
+        q = next(i for i in read_header(low)["infos"] if i.name == name)
+        assert q.type == want == probe_type(name)
+        rows = sample(b.dims[1])
+        w = tensor(base, b, rows)
+        raw = np.memmap(low, dtype=np.uint8, mode="r", offset=q.offset, shape=(q.nbytes,)).reshape(b.dims[1], -1)
+        assert np.array_equal(quantize_rows(toolchain.quantize.parent, q.type, w, None), raw[rows])
+        expected = float((((tensor(low, q, rows) - w) ** 2) @ importance(im)[name]).sum()) * b.dims[1] / len(rows)
+        assert predicted[name] == pytest.approx(expected, rel=1e-5)
 
 
 def _table() -> Sensitivity:
@@ -267,7 +272,8 @@ def test_a_probe_of_linked_shards_scores_as_the_file_llama_quantize_writes_from_
     ctx, _, _ = make_ctx(tiny_llama, tmp_path / "work")
     made = run_steps(GGUFEngine(), [variant("Q4_K_M")], ctx)
     base = made[BASE][0]
-    low = probes.pure(toolchain, base, None, tmp_path / "low.gguf", probes.LOW)
+    low = probes.pure(toolchain, base, None, tmp_path / "low.gguf", probes.LOW, probes.LOWER)
+    lows = {i.name: i.type for i in read_header(low)["infos"]}
     groups = [["blk.0.attn_v.weight", "blk.0.attn_q.weight"], ["blk.1.ffn_down.weight"]]
     sh = probes.shards(tmp_path / "shards", base, low, groups)
     text = ctx.calib.write_text(tmp_path / "calibration.txt")
@@ -276,7 +282,7 @@ def test_a_probe_of_linked_shards_scores_as_the_file_llama_quantize_writes_from_
     assert all(f.is_symlink() for f in first.parent.iterdir()) and len(list(first.parent.iterdir())) == 3
     rules = tmp_path / "rules.txt"
     infos = [i for i in read_header(base)["infos"] if len(i.dims) == 2]  # a rule each, as the base has it
-    rules.write_text("".join(f"^{re.escape(i.name)}$={(probes.LOW if i.name in groups[1] else i.type).lower()}\n"
+    rules.write_text("".join(f"^{re.escape(i.name)}$={(lows[i.name] if i.name in groups[1] else i.type).lower()}\n"
                              for i in infos))
     subprocess.run([str(toolchain.quantize), "--pure", "--tensor-type-file", str(rules), str(base),
                     str(tmp_path / "ref.gguf"), "Q8_0", "2"], check=True, capture_output=True)

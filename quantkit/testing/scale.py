@@ -38,6 +38,9 @@ RECIPES = {
     # a stock Q4_K_M and a tuned mix of its size: the sensitivity step and the allocation ("tuned mix")
     "tuned": ('[[variants]]\nformat = "gguf"\nquant = "Q4_K_M"\n'
               '[[variants]]\nformat = "gguf"\nmix = "tuned"\ntarget = "Q4_K_M"\n'),
+    # the same with the three-type ladder a publisher builds: one sensitivity step serves all three
+    "tuned3": ('[[variants]]\nformat = "gguf"\nquant = ["Q4_K_M", "Q3_K_M", "Q2_K"]\n'
+               '[[variants]]\nformat = "gguf"\nmix = "tuned"\ntarget = ["Q4_K_M", "Q3_K_M", "Q2_K"]\n'),
     # AutoRound's memory does not grow with its iterations: 2 of them on 2 windows of 512 keep the
     # run short at 7B widths on a CPU; GGUF (whole model in float32) and GPTQ (its low_cpu_mem path)
     "autoround": ('[[variants]]\nformat = "gguf"\nquant = "Q4_K_M"\nmethod = "autoround"\n'

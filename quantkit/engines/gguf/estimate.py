@@ -74,18 +74,20 @@ SENSITIVITY_ROWS = 128  # mix.SAMPLE_ROWS
 PROBE_GROUPS = 21  # 7 classes x 3 thirds of the layers; one more pass scores the 16-bit base
 PROBE_TOKENS = 256  # probes.PROBE_CHUNKS x PROBE_CTX
 WRITE_BYTES_PER_S = 400e6  # splitting the base and the low file into the probes' shards: copying tensor bytes
+LOWER_BYTES_PER_S = 35e6  # probes.LOWER's Q2_K without the importance matrix (9 M weights/s a thread), of bf16
 
 
 def sensitivity_estimate(shape: ModelShape, work: Workload, machine: Machine) -> Estimate:
     """A tuned mix's measurement: each type over a sample of rows of every layer matrix (a few
     tensors at a time), then the probes: a pure Q4_0 file without the importance matrix (as fast
-    as Q8_0), the base and it split once into shards that each probe links (no copy per probe),
+    as Q8_0) but for ffn_down at Q2_K, the base and it split once into shards that each probe links (no copy per probe),
     and per group one scoring run on calibration text. The disk holds the low file, the base's
     shards and the low shards."""
     widths = (shape.hidden, shape.hidden, shape.hidden, shape.hidden, shape.hidden, shape.hidden, shape.intermediate)
     sampled = shape.layers * sum(SENSITIVITY_ROWS * w for w in widths)
     measure = sampled * SENSITIVITY_TYPES / (SAMPLED_PER_S * machine.cores)
-    quantize = shape.bf16_bytes / (QUANT_BYTES_PER_S["Q8_0"] * machine.cores / 2)
+    ffn_down = 2 * shape.layers * shape.hidden * shape.intermediate
+    quantize = (shape.bf16_bytes / QUANT_BYTES_PER_S["Q8_0"] + ffn_down / LOWER_BYTES_PER_S) / (machine.cores / 2)
     low = expected_bytes("Q4_0", shape.params)
     score = (PROBE_GROUPS + 1) * 2 * shape.params * PROBE_TOKENS / machine.cpu_flops + \
         (shape.bf16_bytes + low) / WRITE_BYTES_PER_S

@@ -44,7 +44,7 @@ from .tools import explain, llama_threads, need_space, run
 CANDIDATES = ("Q2_K", "Q3_K", "IQ3_S", "IQ4_XS", "Q4_K", "IQ4_NL", "Q4_1", "Q5_K", "Q6_K", "Q8_0")
 SAMPLE_ROWS = 128  # rows measured per tensor, evenly spaced: the error scales by rows / sample
 # what the calibration depends on ("base": the probes' other tensors are the 16-bit file's own)
-PROBES = (probes.LOW, "no imatrix", "base", probes.PROBE_CTX, probes.PROBE_CHUNKS, probes.SCORE_FROM)
+PROBES = (probes.LOW, tuple(probes.LOWER.items()), "no imatrix", "base", probes.PROBE_CTX, probes.PROBE_CHUNKS, probes.SCORE_FROM)
 # A probe's KLD below this counts as barely sensitive: there is no floor to subtract, but a mean
 # KLD of float32 logits this small is rounding as much as signal.
 MIN_DKLD = 1e-6
@@ -194,7 +194,7 @@ def calibrate(tc: Toolchain, base: Path, imatrix: Path, proxy: dict[str, dict[st
     members = [[t for t in proxy if Probe(c, a, b, 0.0, 0.0).holds(t)] for c, a, b in todo]
     progress("calibration probes", 0, len(todo))
     errors = probe_errors(tc.quantize.parent, base, imatrix, list(proxy))
-    low = probes.pure(tc, base, None, work / f"probe-{probes.LOW}.gguf", probes.LOW)
+    low = probes.pure(tc, base, None, work / f"probe-{probes.LOW}.gguf", probes.LOW, probes.LOWER)
     shard_dir = work / "shards"
     try:
         sh = probes.shards(shard_dir, base, low, members)
@@ -219,11 +219,16 @@ def probe_errors(tools_dir: Path, base: Path, imatrix: Path, names: list[str]) -
 
     def one(info: TensorInfo) -> tuple[str, float]:
         rows, w = _sampled(base, info)
-        gtype = stored_type(probes.LOW, info.dims[0])
+        gtype = stored_type(probe_type(info.name), info.dims[0])
         return info.name, _error(tools_dir, w, gtype, None, imp.get(info.name), info.dims[1] / len(rows))
 
     with ThreadPoolExecutor(llama_threads()) as pool:
         return dict(pool.map(one, infos))
+
+
+def probe_type(name: str) -> str:
+    """The type the probe file asks for this tensor (before any fallback its rows need)."""
+    return probes.LOWER.get(tensor_class(name), probes.LOW)
 
 
 def sample(n_rows: int) -> np.ndarray:

@@ -48,11 +48,16 @@ PROBE_CHUNKS = 1  # chunks of calibration text per probe (paired: every probe re
 SCORE_FROM = 8
 # The type a probe puts its group at, quantized without the importance matrix. Q2_K with it (the
 # first choice) quantizes at 5 M weights/s a thread, so the all-low file cost as much as the
-# ladder's own Q4_K_M; Q4_0 without it runs at 600 M/s. A probe only needs an error large enough
-# to move the KLD and a predicted error of the same quantization (mix.probe_errors). On the
-# de-gridded SmolLM2 (benchmarks/tuned_mix.py), Q4_0 with the importance matrix and Q3_K without
-# it gave tuned mixes within 0.02x stock KLD of this choice, at more cost.
-LOW = "Q4_0"  # also the llama-quantize file type whose --pure file has every tensor at it
+# ladder's own Q4_K_M; Q4_0 without it runs at 600 M/s. A probe needs an error large enough to
+# move the KLD, in the range the budgets trade in, and a predicted error of the same
+# quantization (mix.probe_errors).
+LOW = "Q4_0"  # also the llama-quantize file type whose --pure file has the other tensors at it
+# ffn_down goes lower: the low budgets trade it between Q2_K and Q4_K, and its KLD per unit of
+# error, read at Q4_0, let the Q3_K_M budget move it down too far. On the de-gridded SmolLM2
+# (benchmarks/tuned_mix.py, one machine) Q2_K ffn_down probes gave 0.732 / 0.785 / 0.610x stock
+# KLD at Q4_K_M / Q3_K_M / Q2_K size against 0.76 / 0.81 / 0.61 with Q4_0 ones. Q2_K without the
+# importance matrix runs at 9 M weights/s a thread; ffn_down is a fifth of a Llama's decoder.
+LOWER = {"ffn_down": "Q2_K"}
 
 
 def assemble(out: Path, template: Path, sources: Mapping[str, Path]) -> None:
@@ -175,10 +180,13 @@ def _padded(n: int, align: int) -> int:
     return n + (-n % align)
 
 
-def pure(tc: Toolchain, base: Path, imatrix: Path | None, out: Path, ftype: str) -> Path:
-    """Every quantizable tensor at `ftype`'s base type (llama.cpp's fallbacks where rows need it)."""
+def pure(tc: Toolchain, base: Path, imatrix: Path | None, out: Path, ftype: str,
+         classes: Mapping[str, str] | None = None) -> Path:
+    """Every quantizable tensor at `ftype`'s base type, those of `classes` (tensor class -> ggml
+    type) at theirs (llama.cpp's fallbacks where rows need it)."""
     weights: list[str | Path] = [] if imatrix is None else ["--imatrix", imatrix.resolve()]
-    res = run([tc.quantize, "--pure", *weights, base.resolve(), out.resolve(), ftype, str(llama_threads())])
+    rules = [a for cls, gtype in (classes or {}).items() for a in ("--tensor-type", f"{cls}={gtype.lower()}")]
+    res = run([tc.quantize, "--pure", *weights, *rules, base.resolve(), out.resolve(), ftype, str(llama_threads())])
     if res.returncode != 0 or not out.is_file():
         raise EngineError("gguf", explain(res, f"quantizing a {ftype} probe", out.parent))
     return out
