@@ -80,8 +80,8 @@ LOWER_BYTES_PER_S = 35e6  # probes.LOWER's Q2_K without the importance matrix (9
 def sensitivity_estimate(shape: ModelShape, work: Workload, machine: Machine) -> Estimate:
     """A tuned mix's measurement: each type over a sample of rows of every layer matrix (a few
     tensors at a time), then the probes: a pure Q4_0 file without the importance matrix (as fast
-    as Q8_0) but for ffn_down at Q2_K, the base and it split once into shards that each probe links (no copy per probe),
-    and per group one scoring run on calibration text. The disk holds the low file, the base's
+    as Q8_0) but for ffn_down at Q2_K, the base and it split once into shards that each probe
+    links (no copy per probe), and per group one scoring run on calibration text. The disk holds the low file, the base's
     shards and the low shards."""
     widths = (shape.hidden, shape.hidden, shape.hidden, shape.hidden, shape.hidden, shape.hidden, shape.intermediate)
     sampled = shape.layers * sum(SENSITIVITY_ROWS * w for w in widths)

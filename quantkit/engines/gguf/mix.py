@@ -44,7 +44,8 @@ from .tools import explain, llama_threads, need_space, run
 CANDIDATES = ("Q2_K", "Q3_K", "IQ3_S", "IQ4_XS", "Q4_K", "IQ4_NL", "Q4_1", "Q5_K", "Q6_K", "Q8_0")
 SAMPLE_ROWS = 128  # rows measured per tensor, evenly spaced: the error scales by rows / sample
 # what the calibration depends on ("base": the probes' other tensors are the 16-bit file's own)
-PROBES = (probes.LOW, tuple(probes.LOWER.items()), "no imatrix", "base", probes.PROBE_CTX, probes.PROBE_CHUNKS, probes.SCORE_FROM)
+PROBES = (probes.LOW, tuple(probes.LOWER.items()), "no imatrix", "base", probes.PROBE_CTX, probes.PROBE_CHUNKS,
+          probes.SCORE_FROM)
 # A probe's KLD below this counts as barely sensitive: there is no floor to subtract, but a mean
 # KLD of float32 logits this small is rounding as much as signal.
 MIN_DKLD = 1e-6
