@@ -95,7 +95,7 @@ def test_a_probes_predicted_error_is_that_of_the_low_file_it_scores(smollm2_2l: 
     ctx, _, _ = make_ctx(smollm2_2l, tmp_path / "work")
     made = run_steps(GGUFEngine(), [variant("Q4_K_M")], ctx)
     base, im = made[BASE][0], made[IMATRIX][0]
-    low = probes.pure(toolchain, base, None, tmp_path / "low.gguf", probes.LOW, probes.LOWER)
+    low = probes.low_file(toolchain, base, tmp_path / "low.gguf")
     names = ["blk.1.ffn_down.weight", "blk.1.attn_v.weight"]
     predicted = probe_errors(toolchain.quantize.parent, base, im, names)
     for name, want in zip(names, ("Q2_K", "Q4_0"), strict=True):
@@ -272,7 +272,7 @@ def test_a_probe_of_linked_shards_scores_as_the_file_llama_quantize_writes_from_
     ctx, _, _ = make_ctx(tiny_llama, tmp_path / "work")
     made = run_steps(GGUFEngine(), [variant("Q4_K_M")], ctx)
     base = made[BASE][0]
-    low = probes.pure(toolchain, base, None, tmp_path / "low.gguf", probes.LOW, probes.LOWER)
+    low = probes.low_file(toolchain, base, tmp_path / "low.gguf")
     lows = {i.name: i.type for i in read_header(low)["infos"]}
     groups = [["blk.0.attn_v.weight", "blk.0.attn_q.weight"], ["blk.1.ffn_down.weight"]]
     sh = probes.shards(tmp_path / "shards", base, low, groups)

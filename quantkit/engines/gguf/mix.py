@@ -195,7 +195,7 @@ def calibrate(tc: Toolchain, base: Path, imatrix: Path, proxy: dict[str, dict[st
     members = [[t for t in proxy if Probe(c, a, b, 0.0, 0.0).holds(t)] for c, a, b in todo]
     progress("calibration probes", 0, len(todo))
     errors = probe_errors(tc.quantize.parent, base, imatrix, list(proxy))
-    low = probes.pure(tc, base, None, work / f"probe-{probes.LOW}.gguf", probes.LOW, probes.LOWER)
+    low = probes.low_file(tc, base, work / f"probe-{probes.LOW}.gguf")
     shard_dir = work / "shards"
     try:
         sh = probes.shards(shard_dir, base, low, members)

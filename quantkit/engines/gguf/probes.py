@@ -180,15 +180,13 @@ def _padded(n: int, align: int) -> int:
     return n + (-n % align)
 
 
-def pure(tc: Toolchain, base: Path, imatrix: Path | None, out: Path, ftype: str,
-         classes: Mapping[str, str] | None = None) -> Path:
-    """Every quantizable tensor at `ftype`'s base type, those of `classes` (tensor class -> ggml
-    type) at theirs (llama.cpp's fallbacks where rows need it)."""
-    weights: list[str | Path] = [] if imatrix is None else ["--imatrix", imatrix.resolve()]
-    rules = [a for cls, gtype in (classes or {}).items() for a in ("--tensor-type", f"{cls}={gtype.lower()}")]
-    res = run([tc.quantize, "--pure", *weights, *rules, base.resolve(), out.resolve(), ftype, str(llama_threads())])
+def low_file(tc: Toolchain, base: Path, out: Path) -> Path:
+    """The probes' low file: every quantizable tensor at LOW, LOWER's classes at theirs, without
+    the importance matrix (llama.cpp's fallbacks where rows need it)."""
+    rules = [a for cls, gtype in LOWER.items() for a in ("--tensor-type", f"{cls}={gtype.lower()}")]
+    res = run([tc.quantize, "--pure", *rules, base.resolve(), out.resolve(), LOW, str(llama_threads())])
     if res.returncode != 0 or not out.is_file():
-        raise EngineError("gguf", explain(res, f"quantizing a {ftype} probe", out.parent))
+        raise EngineError("gguf", explain(res, f"quantizing the {LOW} probe file", out.parent))
     return out
 
 
@@ -202,9 +200,9 @@ def probe_ctx(tokens: int) -> int:
 
 
 class Scorer:
-    """Mean KLD of probe models against a reference model (the 16-bit GGUF), in-process through llama.cpp's bindings,
-    on PROBE_CHUNKS chunks of the calibration text (BOS first, as evaluation cuts them, scored
-    from ctx / SCORE_FROM on). llama-perplexity computes the same, but its logger runs on a thread
+    """Mean KLD of probe models against a reference model (the 16-bit GGUF), in-process through
+    llama.cpp's bindings, on PROBE_CHUNKS chunks of the calibration text (BOS first, as
+    evaluation cuts them, scored from ctx / SCORE_FROM on). llama-perplexity computes the same, but its logger runs on a thread
     that the process may exit before it has written the statistics (llama.cpp issue 22142): on
     a loaded machine the mean KLD went missing from some runs."""
 
